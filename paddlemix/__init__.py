@@ -1,0 +1,32 @@
+"""paddlemix: CLIP-family models (OpenAI/OpenCLIP CLIP, EVA-CLIP, CLIPA) for PaddlePaddle.
+
+The public API mirrors open_clip's::
+
+    import paddlemix
+    model, _, preprocess = paddlemix.create_model_and_transforms("ViT-B-32", pretrained="weights.safetensors")
+    tokenizer = paddlemix.get_tokenizer("ViT-B-32")
+"""
+from .data.tokenizer import SimpleTokenizer, tokenize
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, image_transform
+from .factory import create_model, create_model_and_transforms, get_model_preprocess_cfg, get_tokenizer
+from .models import CLIP, CLIPConfig
+from .zoo.registry import list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "SimpleTokenizer",
+    "create_model",
+    "create_model_and_transforms",
+    "get_model_preprocess_cfg",
+    "get_tokenizer",
+    "image_transform",
+    "list_models",
+    "tokenize",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OPENAI_DATASET_MEAN",
+    "OPENAI_DATASET_STD",
+]

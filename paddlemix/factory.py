@@ -1,0 +1,189 @@
+"""open_clip's model factory API: ``create_model``, ``create_model_and_transforms``, ``get_tokenizer``.
+
+``model`` may be a registered name, a path to an open_clip-schema model-config JSON,
+a directory holding an HF transformers CLIP checkpoint, or a directory written by
+``save_pretrained``. ``pretrained`` may be a weights file or directory in open_clip,
+EVA-CLIP, HF or paddlemix layout; conversion happens on load without torch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+from .data.tokenizer import SimpleTokenizer
+from .data.transforms import (
+    OPENAI_DATASET_MEAN,
+    OPENAI_DATASET_STD,
+    ImageTransform,
+    image_transform,
+)
+from .models.clip_model import CLIP
+from .models.config import CLIPConfig
+from .zoo.convert import hf_config_to_model_cfg
+from .zoo.loading import load_checkpoint
+from .zoo.registry import get_model_config, load_config_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["create_model", "create_model_and_transforms", "get_tokenizer", "get_model_preprocess_cfg", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "fp16", "bf16", "amp", "amp_bf16", "amp_bfloat16", "pure_fp16", "pure_bf16")
+_CAST = {"fp16": "float16", "pure_fp16": "float16", "bf16": "bfloat16", "pure_bf16": "bfloat16"}
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _resolve_model(model_name: Union[str, Path]) -> Tuple[Dict[str, Any], Optional[Path], Optional[Path]]:
+    """-> (open_clip-schema config, weights to load by default, a save_pretrained dir)."""
+    path = Path(model_name)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json")
+        raw = _read_json(cfg_file)
+        if raw.get("model_type") == "clip":
+            return hf_config_to_model_cfg(raw), path, None
+        if raw.get("model_type") == CLIPConfig.model_type:
+            return {}, None, path
+        if "vision_cfg" in raw and "text_cfg" in raw:
+            return raw, None, None
+        raise ValueError(
+            f"{cfg_file} is neither an HF CLIP config (model_type 'clip'), a paddlemix config, "
+            f"nor an open_clip model config (got model_type {raw.get('model_type')!r})"
+        )
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {path} does not exist")
+        return load_config_file(path), None, None
+    return get_model_config(str(model_name)), None, None
+
+
+def create_model(
+    model_name: Union[str, Path],
+    pretrained: Optional[Union[str, Path]] = None,
+    *,
+    precision: str = "fp32",
+    force_image_size: Optional[Union[int, Sequence[int]]] = None,
+    force_quick_gelu: bool = False,
+    force_patch_dropout: Optional[float] = None,
+    force_context_length: Optional[int] = None,
+    output_dict: Optional[bool] = None,
+) -> CLIP:
+    """Build a CLIP-family model and load its weights.
+
+    ``precision`` 'fp16' / 'bf16' cast the weights (norms still compute in fp32);
+    'amp' keeps fp32 weights for use under ``paddle.amp.auto_cast``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    cfg, default_weights, saved_dir = _resolve_model(model_name)
+    if saved_dir is not None:
+        model = CLIP.from_pretrained(str(saved_dir))
+        if force_image_size or force_quick_gelu or force_patch_dropout is not None or force_context_length:
+            raise ValueError("force_* overrides are not supported for a save_pretrained directory; edit its config.json")
+    else:
+        if force_quick_gelu:
+            cfg["quick_gelu"] = True
+        if force_patch_dropout is not None:
+            cfg["vision_cfg"]["patch_dropout"] = force_patch_dropout
+        if force_image_size is not None:
+            cfg["vision_cfg"]["image_size"] = force_image_size
+        if force_context_length is not None:
+            cfg["text_cfg"]["context_length"] = force_context_length
+        model = CLIP(CLIPConfig.from_model_cfg(cfg))
+    weights = pretrained if pretrained is not None else default_weights
+    if weights is not None:
+        load_checkpoint(model, weights)
+    if precision in _CAST:
+        model.to(dtype=_CAST[precision])
+    if output_dict is not None:
+        model.output_dict = output_dict
+    model.eval()
+    return model
+
+
+def get_model_preprocess_cfg(model: CLIP) -> Dict[str, Any]:
+    """Image size, mean/std, interpolation and resize mode the model expects."""
+    cfg = {
+        "size": tuple(model.image_size),
+        "mean": OPENAI_DATASET_MEAN,
+        "std": OPENAI_DATASET_STD,
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+        "fill_color": 0,
+    }
+    cfg.update(model.config.preprocess_cfg or {})
+    return cfg
+
+
+def create_model_and_transforms(
+    model_name: Union[str, Path],
+    pretrained: Optional[Union[str, Path]] = None,
+    *,
+    precision: str = "fp32",
+    force_image_size: Optional[Union[int, Sequence[int]]] = None,
+    force_quick_gelu: bool = False,
+    force_patch_dropout: Optional[float] = None,
+    force_context_length: Optional[int] = None,
+    image_mean: Optional[Sequence[float]] = None,
+    image_std: Optional[Sequence[float]] = None,
+    image_interpolation: Optional[str] = None,
+    image_resize_mode: Optional[str] = None,
+    interpolation: Optional[str] = None,
+    square_resize_only: bool = False,
+    aug_cfg: Optional[Dict[str, Any]] = None,
+    output_dict: Optional[bool] = None,
+) -> Tuple[CLIP, ImageTransform, ImageTransform]:
+    """``(model, preprocess_train, preprocess_val)``, as open_clip returns them.
+
+    ``interpolation`` / ``square_resize_only`` are the CLIPA code's spellings of
+    ``image_interpolation`` / ``image_resize_mode='squash'``.
+    """
+    model = create_model(
+        model_name,
+        pretrained,
+        precision=precision,
+        force_image_size=force_image_size,
+        force_quick_gelu=force_quick_gelu,
+        force_patch_dropout=force_patch_dropout,
+        force_context_length=force_context_length,
+        output_dict=output_dict,
+    )
+    pp = get_model_preprocess_cfg(model)
+    overrides = {
+        "mean": image_mean,
+        "std": image_std,
+        "interpolation": image_interpolation or interpolation,
+        "resize_mode": "squash" if square_resize_only else image_resize_mode,
+    }
+    pp.update({k: v for k, v in overrides.items() if v is not None})
+    common = dict(mean=pp["mean"], std=pp["std"], fill_color=pp["fill_color"])
+    preprocess_train = image_transform(
+        pp["size"], is_train=True, interpolation=pp["interpolation"], aug_cfg=aug_cfg, **common
+    )
+    preprocess_val = image_transform(
+        pp["size"], is_train=False, interpolation=pp["interpolation"], resize_mode=pp["resize_mode"], **common
+    )
+    return model, preprocess_train, preprocess_val
+
+
+def get_tokenizer(model_name: Union[str, Path, CLIP, None] = None, context_length: Optional[int] = None) -> SimpleTokenizer:
+    """The tokenizer of a model (OpenAI BPE), bound to the model's context length."""
+    if isinstance(model_name, CLIP):
+        text_cfg = model_name.config.text_cfg
+    elif model_name is None:
+        text_cfg = {}
+    else:
+        cfg, _, saved = _resolve_model(model_name)
+        text_cfg = CLIPConfig.from_pretrained(str(saved)).text_cfg if saved is not None else cfg.get("text_cfg", {})
+    if text_cfg.get("hf_tokenizer_name"):
+        raise NotImplementedError(
+            f"model {model_name!r} uses the HF tokenizer {text_cfg['hf_tokenizer_name']!r}, "
+            "which is not bundled; only OpenAI BPE models are supported by get_tokenizer"
+        )
+    return SimpleTokenizer(context_length=context_length or text_cfg.get("context_length", 77))

@@ -1,0 +1,224 @@
+"""The two-tower CLIP model as a PaddleNLP ``PretrainedModel``.
+
+``CLIP`` is what ``create_model`` returns for every family (OpenAI/OpenCLIP, CLIPA,
+EVA-CLIP): the families differ only in the tower configs. Being a
+``PretrainedModel`` gives ``save_pretrained`` / ``from_pretrained`` on a local
+directory (``config.json`` + weights) and plugs the model into PaddleNLP's Trainer.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Set, Tuple, Union
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from paddlenlp.transformers import PretrainedModel
+
+from .config import CLIPConfig, ConfigError, TextCfg, VisionCfg
+from .layers import get_act_layer, get_norm_layer
+from .rope import RotaryEmbedding2D
+from .transformer import TextTransformer, VisionTransformer, to_2tuple
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CLIP", "build_vision_tower", "build_text_tower"]
+
+
+def _norm_eps(norm_kwargs: Optional[dict], default: float) -> float:
+    kwargs = dict(norm_kwargs or {})
+    eps = kwargs.pop("eps", kwargs.pop("epsilon", default))
+    if kwargs:
+        raise ConfigError(f"norm_kwargs: only 'eps' is supported, got extra keys {sorted(kwargs)}")
+    return float(eps)
+
+
+def _check_act_kwargs(act_kwargs: Optional[dict]) -> None:
+    if act_kwargs:
+        raise ConfigError(f"act_kwargs {act_kwargs!r} are not supported; remove them from the config")
+
+
+def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False) -> VisionTransformer:
+    """Translate a :class:`VisionCfg` (open_clip or EVA-CLIP schema) into tower arguments."""
+    _check_act_kwargs(cfg.act_kwargs)
+    if isinstance(cfg.layers, (list, tuple)):
+        raise ConfigError(f"vision_cfg.layers={cfg.layers!r} describes a ResNet tower, which is not implemented")
+    if cfg.width % cfg.head_width != 0:
+        raise ConfigError(f"vision_cfg.width {cfg.width} is not divisible by head_width {cfg.head_width}")
+    heads = cfg.width // cfg.head_width
+    eva = cfg.eva_model_name is not None
+    # EVA towers use eps 1e-6 norms, biased patch embed and head, and q/v-only attention biases.
+    norm_layer = get_norm_layer(
+        use_rms_norm=cfg.use_rms_norm, eps=_norm_eps(cfg.norm_kwargs, 1e-6 if eva else 1e-5), fused=cfg.fusedLN
+    )
+    rope = None
+    if cfg.rope:
+        grid = to_2tuple(cfg.image_size)[0] // to_2tuple(cfg.patch_size)[0]
+        rope = RotaryEmbedding2D(
+            head_dim=cfg.head_width,
+            grid_size=grid,
+            pt_seq_len=cfg.pt_hw_seq_len,
+            intp_freq=cfg.intp_freq,
+        )
+    if eva:
+        pool_type = "avg" if cfg.global_average_pool else "tok"
+        final_ln_after_pool = cfg.global_average_pool
+        qkv_bias = "qv" if cfg.qkv_bias else "none"
+    else:
+        pool_type, final_ln_after_pool = cfg.pool_type, cfg.final_ln_after_pool
+        qkv_bias = "qkv" if cfg.qkv_bias else "none"
+    return VisionTransformer(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        width=cfg.width,
+        layers=cfg.layers,
+        heads=heads,
+        mlp_ratio=cfg.mlp_ratio,
+        output_dim=embed_dim,
+        ls_init_value=cfg.ls_init_value,
+        patch_dropout=cfg.patch_dropout,
+        pos_embed_type=cfg.pos_embed_type,
+        no_ln_pre=cfg.no_ln_pre or eva,
+        pool_type=pool_type,
+        final_ln_after_pool=final_ln_after_pool,
+        attentional_pool=cfg.attentional_pool,
+        attn_pooler_queries=cfg.attn_pooler_queries,
+        attn_pooler_heads=cfg.attn_pooler_heads,
+        # EVA's vision tower is always GELU (its reference ignores quick_gelu for vision).
+        act_layer=get_act_layer(quick_gelu and not eva),
+        norm_layer=norm_layer,
+        patch_bias=eva,
+        proj_bias=eva and cfg.qkv_bias,
+        qkv_bias=qkv_bias,
+        swiglu=cfg.naiveswiglu,
+        subln=cfg.subln,
+        postnorm=cfg.postnorm,
+        drop_path_rate=cfg.drop_path_rate,
+        rope=rope,
+        use_fused_attn=cfg.xattn,
+        output_tokens=cfg.output_tokens,
+    )
+
+
+def build_text_tower(embed_dim: int, cfg: TextCfg, quick_gelu: bool = False) -> TextTransformer:
+    _check_act_kwargs(cfg.act_kwargs)
+    if cfg.width % cfg.heads != 0:
+        raise ConfigError(f"text_cfg.width {cfg.width} is not divisible by heads {cfg.heads}")
+    return TextTransformer(
+        context_length=cfg.context_length,
+        vocab_size=cfg.vocab_size,
+        width=cfg.width,
+        heads=cfg.heads,
+        layers=cfg.layers,
+        mlp_ratio=cfg.mlp_ratio,
+        output_dim=embed_dim,
+        ls_init_value=cfg.ls_init_value,
+        embed_cls=cfg.embed_cls,
+        no_causal_mask=cfg.no_causal_mask,
+        use_pad_mask=cfg.use_pad_mask,
+        correct_cls_mask=cfg.correct_cls_mask,
+        pad_id=cfg.pad_id,
+        eos_id=cfg.eos_id,
+        pool_type=cfg.pool_type,
+        proj_type=cfg.proj_type,
+        proj_bias=cfg.proj_bias,
+        act_layer=get_act_layer(quick_gelu),
+        norm_layer=get_norm_layer(eps=_norm_eps(cfg.norm_kwargs, 1e-5), fused=cfg.fusedLN),
+        use_fused_attn=cfg.xattn,
+        output_tokens=cfg.output_tokens,
+    )
+
+
+class CLIP(PretrainedModel):
+    """Contrastive image-text model: ``visual`` and ``text`` towers plus a learned temperature.
+
+    ``logit_scale`` is stored in log space, as in every reference; ``logit_bias`` exists
+    only for sigmoid-loss models (``init_logit_bias`` set).
+    """
+
+    config_class = CLIPConfig
+    base_model_prefix = "clip"
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__(config)
+        self.visual = build_vision_tower(config.embed_dim, config.vision, config.quick_gelu)
+        self.text = build_text_tower(config.embed_dim, config.text, config.quick_gelu)
+        self.logit_scale = self.create_parameter(
+            [], default_initializer=nn.initializer.Constant(config.init_logit_scale)
+        )
+        if config.init_logit_bias is not None:
+            self.logit_bias = self.create_parameter(
+                [], default_initializer=nn.initializer.Constant(config.init_logit_bias)
+            )
+        else:
+            self.logit_bias = None
+        self.output_dict = False
+
+    # PaddleNLP calls this for layers whose weights were not in a checkpoint; the towers
+    # initialise themselves in their constructors, so nothing is re-initialised here.
+    def _init_weights(self, layer: nn.Layer) -> None:
+        return None
+
+    @property
+    def context_length(self) -> int:
+        return self.text.context_length
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return self.visual.image_size
+
+    def encode_image(self, image: paddle.Tensor, normalize: bool = False) -> paddle.Tensor:
+        features = self.visual(image.astype(self.visual.patch_embed.weight.dtype))
+        if isinstance(features, tuple):
+            features = features[0]
+        return F.normalize(features, axis=-1) if normalize else features
+
+    def encode_text(self, text: paddle.Tensor, normalize: bool = False) -> paddle.Tensor:
+        features = self.text(text)
+        if isinstance(features, tuple):
+            features = features[0]
+        return F.normalize(features, axis=-1) if normalize else features
+
+    def get_logits(self, image: paddle.Tensor, text: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        """``(logits_per_image, logits_per_text)``: scaled cosine similarities (+ bias)."""
+        image_features = self.encode_image(image, normalize=True)
+        text_features = self.encode_text(text, normalize=True)
+        logits = self.logit_scale.exp() * paddle.matmul(image_features, text_features, transpose_y=True)
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        return logits, logits.T
+
+    def forward(
+        self, image: Optional[paddle.Tensor] = None, text: Optional[paddle.Tensor] = None
+    ) -> Union[Dict[str, paddle.Tensor], Tuple[paddle.Tensor, ...]]:
+        """open_clip's contract: normalised features and ``logit_scale.exp()`` (+ bias)."""
+        image_features = self.encode_image(image, normalize=True) if image is not None else None
+        text_features = self.encode_text(text, normalize=True) if text is not None else None
+        scale = self.logit_scale.exp()
+        if self.output_dict:
+            out = {"image_features": image_features, "text_features": text_features, "logit_scale": scale}
+            if self.logit_bias is not None:
+                out["logit_bias"] = self.logit_bias
+            return out
+        if self.logit_bias is not None:
+            return image_features, text_features, scale, self.logit_bias
+        return image_features, text_features, scale
+
+    def lock_image_tower(self, unlocked_groups: int = 0) -> None:
+        self.visual.lock(unlocked_groups)
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        self.text.lock(unlocked_layers)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> Set[str]:
+        """Parameter names excluded from weight decay besides biases, norms and 1-D gains."""
+        names = {"logit_scale", "visual.class_embedding", "visual.positional_embedding", "text.positional_embedding"}
+        if self.text.cls_emb is not None:
+            names.add("text.cls_emb")
+        if self.logit_bias is not None:
+            names.add("logit_bias")
+        return names

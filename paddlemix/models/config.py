@@ -1,0 +1,207 @@
+"""Model configuration as data.
+
+The tower configs accept open_clip's schema (``vision_cfg`` / ``text_cfg`` keys)
+and EVA-CLIP's extra switches under the same names, so a config JSON from either
+project builds the same towers here. Unknown keys are an error: a typo in a
+config must not silently build a different model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
+
+from paddlenlp.transformers import PretrainedConfig
+
+__all__ = ["VisionCfg", "TextCfg", "CLIPConfig", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A model config with unknown keys, wrong types or inconsistent values."""
+
+
+# Keys of the reference schemas that select implementations this project does not have
+# (timm / HF text backbones, ResNet towers). They are rejected with a specific message.
+_UNSUPPORTED = {
+    "timm_model_name": "timm image towers are not implemented; use a ViT config",
+    "hf_model_name": "HF text backbones are not implemented; use the CLIP text transformer",
+}
+
+
+def _check_type(cls_name: str, name: str, value: Any, default: Any) -> None:
+    if value is None or default is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        raise ConfigError(
+            f"{cls_name}.{name} must be of type {type(default).__name__}, got {value!r} ({type(value).__name__})"
+        )
+
+
+class _TowerCfg:
+    """Strict construction from a dict shared by both tower configs."""
+
+    @classmethod
+    def from_dict(cls, d: Optional[Dict[str, Any]]):
+        d = dict(d or {})
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        for key, why in _UNSUPPORTED.items():
+            if d.get(key):
+                raise ConfigError(f"{cls.__name__}: {key}={d[key]!r} is not supported: {why}")
+            d.pop(key, None)
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__}: unknown keys {unknown}; valid keys are {sorted(names)}. "
+                "Fix the spelling or remove them from the config."
+            )
+        for k, v in d.items():
+            f = names[k]
+            default = f.default if f.default is not dataclasses.MISSING else None
+            _check_type(cls.__name__, k, v, default)
+        return cls(**d)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class VisionCfg(_TowerCfg):
+    layers: int = 12
+    width: int = 768
+    head_width: int = 64
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    image_size: Union[int, Tuple[int, int], list] = 224
+    ls_init_value: Optional[float] = None
+    patch_dropout: float = 0.0
+    attentional_pool: bool = False
+    attn_pooler_queries: int = 256
+    attn_pooler_heads: int = 8
+    no_ln_pre: bool = False
+    pos_embed_type: str = "learnable"  # 'learnable' | 'sin_cos_2d'
+    final_ln_after_pool: bool = False
+    pool_type: str = "tok"  # 'tok' | 'avg' | 'none'
+    output_tokens: bool = False
+    act_kwargs: Optional[dict] = None
+    norm_kwargs: Optional[dict] = None
+    # EVA-CLIP switches (defaults reproduce the CLIP tower).
+    eva_model_name: Optional[str] = None
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+    rope: bool = False
+    pt_hw_seq_len: int = 16
+    intp_freq: bool = False
+    naiveswiglu: bool = False
+    subln: bool = False
+    postnorm: bool = False
+    use_rms_norm: bool = False
+    global_average_pool: bool = False
+    xattn: bool = True
+    fusedLN: bool = False
+
+
+@dataclass
+class TextCfg(_TowerCfg):
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    ls_init_value: Optional[float] = None
+    embed_cls: bool = False
+    pad_id: int = 0
+    eos_id: int = 2
+    no_causal_mask: bool = False
+    use_pad_mask: bool = False
+    correct_cls_mask: bool = False
+    # Accepted for schema compatibility; open_clip 3.3.0's text tower does not use it either.
+    final_ln_after_pool: bool = False
+    pool_type: str = "argmax"  # 'argmax' | 'eos' | 'first' | 'last' | 'none'
+    proj_bias: bool = False
+    proj_type: str = "linear"  # 'linear' | 'none'
+    output_tokens: bool = False
+    act_kwargs: Optional[dict] = None
+    norm_kwargs: Optional[dict] = None
+    hf_tokenizer_name: Optional[str] = None
+    tokenizer_kwargs: Optional[dict] = None
+    # EVA-CLIP text switches.
+    xattn: bool = True
+    fusedLN: bool = False
+
+
+class CLIPConfig(PretrainedConfig):
+    """Configuration of a two-tower CLIP model, in open_clip's schema.
+
+    ``vision_cfg`` / ``text_cfg`` are stored as plain dicts (so ``config.json`` is the
+    open_clip model-config JSON plus PaddleNLP's bookkeeping) and validated into
+    :class:`VisionCfg` / :class:`TextCfg` when a model is built.
+    ``custom_text`` only changes open_clip's key layout, which the converters handle,
+    so it is kept for round-tripping but has no effect on the model.
+    """
+
+    model_type = "paddlemix_clip"
+
+    def __init__(
+        self,
+        embed_dim: int = 512,
+        vision_cfg: Optional[Dict[str, Any]] = None,
+        text_cfg: Optional[Dict[str, Any]] = None,
+        quick_gelu: bool = False,
+        init_logit_scale: float = 2.659260036932778,  # ln(1 / 0.07)
+        init_logit_bias: Optional[float] = None,
+        custom_text: bool = False,
+        preprocess_cfg: Optional[Dict[str, Any]] = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.embed_dim = embed_dim
+        self.vision_cfg = VisionCfg.from_dict(vision_cfg).to_dict()
+        self.text_cfg = TextCfg.from_dict(text_cfg).to_dict()
+        self.quick_gelu = quick_gelu
+        self.init_logit_scale = init_logit_scale
+        self.init_logit_bias = init_logit_bias
+        self.custom_text = custom_text
+        self.preprocess_cfg = dict(preprocess_cfg or {})
+
+    @property
+    def vision(self) -> VisionCfg:
+        return VisionCfg.from_dict(self.vision_cfg)
+
+    @property
+    def text(self) -> TextCfg:
+        return TextCfg.from_dict(self.text_cfg)
+
+    @classmethod
+    def from_model_cfg(cls, cfg: Dict[str, Any], **kwargs) -> "CLIPConfig":
+        """Build from an open_clip / EVA-CLIP model-config dict, rejecting unknown top-level keys."""
+        known = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+                 "custom_text", "preprocess_cfg"}
+        # Keys open_clip / EVA configs carry that do not change the architecture.
+        ignored = {"cast_dtype", "multimodal_cfg", "nonscalar_logit_scale"}
+        unknown = sorted(set(cfg) - known - ignored)
+        if unknown:
+            raise ConfigError(f"model config: unknown top-level keys {unknown}; valid keys are {sorted(known)}")
+        if "embed_dim" not in cfg:
+            raise ConfigError("model config: 'embed_dim' is required (the shared embedding width)")
+        args = {k: v for k, v in cfg.items() if k in known}
+        args.update(kwargs)
+        return cls(**args)
+
+    def to_model_cfg(self) -> Dict[str, Any]:
+        """The open_clip-schema dict of this config (no PaddleNLP bookkeeping)."""
+        out = {"embed_dim": self.embed_dim, "quick_gelu": self.quick_gelu, "vision_cfg": dict(self.vision_cfg),
+               "text_cfg": dict(self.text_cfg), "init_logit_scale": self.init_logit_scale}
+        if self.init_logit_bias is not None:
+            out["init_logit_bias"] = self.init_logit_bias
+        return out

@@ -1,0 +1,324 @@
+"""Translate reference state dicts (open_clip, EVA-CLIP, HF transformers) into this project's layout.
+
+All functions work on ``Dict[str, np.ndarray]`` so conversion needs neither torch nor
+a built model. Paddle's ``Linear`` stores ``[in, out]`` where torch stores
+``[out, in]``, so every torch linear weight is transposed; every rule below says
+whether it transposes, instead of guessing from shapes (square matrices would be
+ambiguous). Split q/k/v projections are fused into the single ``qkv`` matmul.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["detect_layout", "convert_state_dict", "resize_pos_embed", "hf_config_to_model_cfg", "ConversionError"]
+
+StateDict = Dict[str, np.ndarray]
+
+
+class ConversionError(ValueError):
+    """A checkpoint whose keys do not match any known layout, or that the rules cannot map."""
+
+
+def detect_layout(sd: StateDict) -> str:
+    """Name the layout of a state dict: 'paddlemix', 'hf', 'eva', 'open_clip'."""
+    keys = set(sd)
+    if any(k.startswith("vision_model.") or k.startswith("text_model.") for k in keys):
+        return "hf"
+    if any(k.startswith("visual.transformer.blocks.") or k.startswith("text.transformer.blocks.") for k in keys):
+        return "paddlemix"
+    if any(k.startswith("visual.blocks.") for k in keys):
+        return "eva"
+    if any(k.startswith("visual.transformer.resblocks.") or "transformer.resblocks." in k for k in keys):
+        return "open_clip"
+    sample = sorted(keys)[:8]
+    raise ConversionError(
+        f"cannot tell which model family this checkpoint is from (first keys: {sample}); "
+        "expected open_clip, EVA-CLIP, HF transformers CLIP or paddlemix keys"
+    )
+
+
+def _t(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-block rules. Each rule: (source suffix, target suffix, transpose?).
+_OPEN_CLIP_BLOCK: List[Tuple[str, str, bool]] = [
+    ("ln_1.weight", "norm1.weight", False),
+    ("ln_1.bias", "norm1.bias", False),
+    ("ln_2.weight", "norm2.weight", False),
+    ("ln_2.bias", "norm2.bias", False),
+    ("attn.in_proj_weight", "attn.qkv.weight", True),
+    ("attn.in_proj_bias", "attn.qkv.bias", False),
+    ("attn.out_proj.weight", "attn.proj.weight", True),
+    ("attn.out_proj.bias", "attn.proj.bias", False),
+    ("mlp.c_fc.weight", "mlp.fc1.weight", True),
+    ("mlp.c_fc.bias", "mlp.fc1.bias", False),
+    ("mlp.c_proj.weight", "mlp.fc2.weight", True),
+    ("mlp.c_proj.bias", "mlp.fc2.bias", False),
+    ("ls_1.gamma", "ls1.gamma", False),
+    ("ls_2.gamma", "ls2.gamma", False),
+]
+
+_EVA_BLOCK: List[Tuple[str, str, bool]] = [
+    ("norm1.weight", "norm1.weight", False),
+    ("norm1.bias", "norm1.bias", False),
+    ("norm2.weight", "norm2.weight", False),
+    ("norm2.bias", "norm2.bias", False),
+    ("attn.qkv.weight", "attn.qkv.weight", True),
+    ("attn.q_bias", "attn.q_bias", False),
+    ("attn.v_bias", "attn.v_bias", False),
+    ("attn.inner_attn_ln.weight", "attn.norm.weight", False),
+    ("attn.inner_attn_ln.bias", "attn.norm.bias", False),
+    ("attn.proj.weight", "attn.proj.weight", True),
+    ("attn.proj.bias", "attn.proj.bias", False),
+    ("mlp.fc1.weight", "mlp.fc1.weight", True),
+    ("mlp.fc1.bias", "mlp.fc1.bias", False),
+    ("mlp.fc2.weight", "mlp.fc2.weight", True),
+    ("mlp.fc2.bias", "mlp.fc2.bias", False),
+    ("mlp.ffn_ln.weight", "mlp.norm.weight", False),
+    ("mlp.ffn_ln.bias", "mlp.norm.bias", False),
+    ("mlp.w3.weight", "mlp.fc2.weight", True),
+    ("mlp.w3.bias", "mlp.fc2.bias", False),
+    ("gamma_1", "ls1.gamma", False),
+    ("gamma_2", "ls2.gamma", False),
+]
+
+_HF_BLOCK: List[Tuple[str, str, bool]] = [
+    ("layer_norm1.weight", "norm1.weight", False),
+    ("layer_norm1.bias", "norm1.bias", False),
+    ("layer_norm2.weight", "norm2.weight", False),
+    ("layer_norm2.bias", "norm2.bias", False),
+    ("self_attn.out_proj.weight", "attn.proj.weight", True),
+    ("self_attn.out_proj.bias", "attn.proj.bias", False),
+    ("mlp.fc1.weight", "mlp.fc1.weight", True),
+    ("mlp.fc1.bias", "mlp.fc1.bias", False),
+    ("mlp.fc2.weight", "mlp.fc2.weight", True),
+    ("mlp.fc2.bias", "mlp.fc2.bias", False),
+]
+
+
+class _Mapper:
+    """Pops keys from a source dict into a target dict; leftovers are reported as unknown."""
+
+    def __init__(self, sd: StateDict):
+        self.src = dict(sd)
+        self.out: StateDict = {}
+
+    def move(self, src: str, dst: str, fn: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> bool:
+        if src not in self.src:
+            return False
+        value = self.src.pop(src)
+        self.out[dst] = fn(value) if fn is not None else value
+        return True
+
+    def block(self, src_prefix: str, dst_prefix: str, rules: List[Tuple[str, str, bool]]) -> None:
+        for s, d, transpose in rules:
+            self.move(src_prefix + s, dst_prefix + d, _t if transpose else None)
+
+    def fuse_qkv(self, names: List[str], dst: str, transpose: bool) -> None:
+        if all(n in self.src for n in names):
+            parts = [self.src.pop(n) for n in names]
+            fused = np.concatenate(parts, axis=0)
+            self.out[dst] = _t(fused) if transpose else fused
+
+    def drop(self, pattern: str) -> None:
+        for k in [k for k in self.src if re.fullmatch(pattern, k)]:
+            del self.src[k]
+
+    def finish(self, layout: str) -> StateDict:
+        if self.src:
+            raise ConversionError(
+                f"{layout} checkpoint has keys no conversion rule knows: {sorted(self.src)[:20]}"
+                f"{' ...' if len(self.src) > 20 else ''}"
+            )
+        return self.out
+
+
+def _block_indices(keys, prefix: str) -> List[int]:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
+
+
+def _open_clip_text(m: _Mapper, src: str) -> None:
+    """open_clip's text tower; ``src`` is '' (flattened CLIP) or 'text.' (CustomTextCLIP / EVA)."""
+    m.move(src + "token_embedding.weight", "text.token_embedding.weight")
+    m.move(src + "positional_embedding", "text.positional_embedding")
+    m.move(src + "cls_emb", "text.cls_emb")
+    m.move(src + "ln_final.weight", "text.ln_final.weight")
+    m.move(src + "ln_final.bias", "text.ln_final.bias")
+    if not m.move(src + "text_projection.weight", "text.text_projection.weight", _t):
+        m.move(src + "text_projection", "text.text_projection.weight")
+    m.move(src + "text_projection.bias", "text.text_projection.bias")
+    m.drop(re.escape(src) + r"attn_mask")
+    for i in _block_indices(m.src, src + "transformer.resblocks."):
+        m.block(f"{src}transformer.resblocks.{i}.", f"text.transformer.blocks.{i}.", _OPEN_CLIP_BLOCK)
+
+
+def _convert_open_clip(sd: StateDict) -> StateDict:
+    m = _Mapper(sd)
+    m.move("visual.conv1.weight", "visual.patch_embed.weight")
+    m.move("visual.class_embedding", "visual.class_embedding")
+    m.move("visual.positional_embedding", "visual.positional_embedding")
+    m.move("visual.ln_pre.weight", "visual.norm_pre.weight")
+    m.move("visual.ln_pre.bias", "visual.norm_pre.bias")
+    m.move("visual.ln_post.weight", "visual.norm.weight")
+    m.move("visual.ln_post.bias", "visual.norm.bias")
+    m.move("visual.proj", "visual.head.weight")
+    for i in _block_indices(m.src, "visual.transformer.resblocks."):
+        m.block(f"visual.transformer.resblocks.{i}.", f"visual.transformer.blocks.{i}.", _OPEN_CLIP_BLOCK)
+    # CoCa-style attentional pooler (nn.MultiheadAttention with kdim != embed_dim keeps separate weights).
+    p = "visual.attn_pool."
+    m.move(p + "query", "visual.attn_pool.query")
+    for ln in ("ln_q", "ln_k"):
+        m.move(f"{p}{ln}.weight", f"visual.attn_pool.{ln}.weight")
+        m.move(f"{p}{ln}.bias", f"visual.attn_pool.{ln}.bias")
+    m.move(p + "attn.out_proj.weight", "visual.attn_pool.out_proj.weight", _t)
+    m.move(p + "attn.out_proj.bias", "visual.attn_pool.out_proj.bias")
+    m.move(p + "attn.q_proj_weight", "visual.attn_pool.q_proj.weight", _t)
+    m.fuse_qkv([p + "attn.k_proj_weight", p + "attn.v_proj_weight"], "visual.attn_pool.kv_proj.weight", True)
+    if p + "attn.in_proj_bias" in m.src:
+        q_b, k_b, v_b = np.split(m.src.pop(p + "attn.in_proj_bias"), 3)
+        m.out["visual.attn_pool.q_proj.bias"] = q_b
+        m.out["visual.attn_pool.kv_proj.bias"] = np.concatenate([k_b, v_b])
+    if p + "attn.in_proj_weight" in m.src:  # kdim == d_model: one packed matrix
+        q_w, k_w, v_w = np.split(m.src.pop(p + "attn.in_proj_weight"), 3)
+        m.out["visual.attn_pool.q_proj.weight"] = _t(q_w)
+        m.out["visual.attn_pool.kv_proj.weight"] = _t(np.concatenate([k_w, v_w]))
+    text_prefix = "text." if any(k.startswith("text.") for k in m.src) else ""
+    _open_clip_text(m, text_prefix)
+    m.move("logit_scale", "logit_scale")
+    m.move("logit_bias", "logit_bias")
+    return m.finish("open_clip")
+
+
+def _convert_eva(sd: StateDict) -> StateDict:
+    m = _Mapper(sd)
+    m.move("visual.patch_embed.proj.weight", "visual.patch_embed.weight")
+    m.move("visual.patch_embed.proj.bias", "visual.patch_embed.bias")
+    m.move("visual.cls_token", "visual.class_embedding", lambda x: x.reshape(-1))
+    m.move("visual.pos_embed", "visual.positional_embedding", lambda x: x.reshape(x.shape[-2], x.shape[-1]))
+    for norm in ("norm", "fc_norm"):
+        m.move(f"visual.{norm}.weight", "visual.norm.weight")
+        m.move(f"visual.{norm}.bias", "visual.norm.bias")
+    m.move("visual.head.weight", "visual.head.weight", _t)
+    m.move("visual.head.bias", "visual.head.bias")
+    m.drop(r"visual\.rope\.freqs_(cos|sin)")
+    for i in _block_indices(m.src, "visual.blocks."):
+        src, dst = f"visual.blocks.{i}.", f"visual.transformer.blocks.{i}."
+        m.block(src, dst, _EVA_BLOCK)
+        m.fuse_qkv([src + f"attn.{n}_proj.weight" for n in "qkv"], dst + "attn.qkv.weight", True)
+        m.fuse_qkv([src + "mlp.w1.weight", src + "mlp.w2.weight"], dst + "mlp.fc1.weight", True)
+        m.fuse_qkv([src + "mlp.w1.bias", src + "mlp.w2.bias"], dst + "mlp.fc1.bias", False)
+    _open_clip_text(m, "text.")
+    m.move("logit_scale", "logit_scale")
+    return m.finish("EVA-CLIP")
+
+
+def _convert_hf(sd: StateDict) -> StateDict:
+    m = _Mapper(sd)
+    v, t = "vision_model.", "text_model."
+    m.move(v + "embeddings.patch_embedding.weight", "visual.patch_embed.weight")
+    m.move(v + "embeddings.class_embedding", "visual.class_embedding")
+    m.move(v + "embeddings.position_embedding.weight", "visual.positional_embedding")
+    m.move(v + "pre_layrnorm.weight", "visual.norm_pre.weight")
+    m.move(v + "pre_layrnorm.bias", "visual.norm_pre.bias")
+    m.move(v + "post_layernorm.weight", "visual.norm.weight")
+    m.move(v + "post_layernorm.bias", "visual.norm.bias")
+    m.move("visual_projection.weight", "visual.head.weight", _t)
+    m.move(t + "embeddings.token_embedding.weight", "text.token_embedding.weight")
+    m.move(t + "embeddings.position_embedding.weight", "text.positional_embedding")
+    m.move(t + "final_layer_norm.weight", "text.ln_final.weight")
+    m.move(t + "final_layer_norm.bias", "text.ln_final.bias")
+    m.move("text_projection.weight", "text.text_projection.weight", _t)
+    m.move("logit_scale", "logit_scale")
+    m.drop(r".*position_ids")
+    for tower, dst_tower in ((v, "visual"), (t, "text")):
+        for i in _block_indices(m.src, tower + "encoder.layers."):
+            src, dst = f"{tower}encoder.layers.{i}.", f"{dst_tower}.transformer.blocks.{i}."
+            m.block(src, dst, _HF_BLOCK)
+            m.fuse_qkv([src + f"self_attn.{n}_proj.weight" for n in "qkv"], dst + "attn.qkv.weight", True)
+            m.fuse_qkv([src + f"self_attn.{n}_proj.bias" for n in "qkv"], dst + "attn.qkv.bias", False)
+    return m.finish("HF transformers")
+
+
+_CONVERTERS = {"open_clip": _convert_open_clip, "eva": _convert_eva, "hf": _convert_hf, "paddlemix": dict}
+
+
+def convert_state_dict(sd: StateDict, layout: Optional[str] = None) -> StateDict:
+    """Map a reference state dict onto paddlemix names and Paddle weight orientation."""
+    layout = layout or detect_layout(sd)
+    if layout not in _CONVERTERS:
+        raise ConversionError(f"unknown checkpoint layout {layout!r}; expected one of {sorted(_CONVERTERS)}")
+    return _CONVERTERS[layout](sd)
+
+
+def resize_pos_embed(pos: np.ndarray, new_grid: Tuple[int, int], num_prefix_tokens: int = 1) -> np.ndarray:
+    """Bicubically resample a learned ``[prefix + gh * gw, C]`` table to another grid.
+
+    Used when an image size differs from the checkpoint's (``force_image_size``).
+    Prefix (class) rows are kept as they are.
+    """
+    import paddle
+    import paddle.nn.functional as F
+
+    prefix, grid = pos[:num_prefix_tokens], pos[num_prefix_tokens:]
+    old = int(round(np.sqrt(grid.shape[0])))
+    if old * old != grid.shape[0]:
+        raise ConversionError(f"position table of {grid.shape[0]} rows is not a square grid")
+    if (old, old) == tuple(new_grid):
+        return pos
+    img = paddle.to_tensor(grid.astype(np.float32).reshape(1, old, old, -1).transpose(0, 3, 1, 2))
+    img = F.interpolate(img, size=list(new_grid), mode="bicubic", align_corners=False)
+    grid = img.numpy().transpose(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1)
+    return np.concatenate([prefix, grid.astype(pos.dtype)], axis=0)
+
+
+def hf_config_to_model_cfg(hf: dict) -> dict:
+    """An HF transformers ``CLIPConfig`` dict as an open_clip-schema model config."""
+    if hf.get("model_type") != "clip":
+        raise ConversionError(f"expected an HF config with model_type 'clip', got {hf.get('model_type')!r}")
+    vc, tc = hf.get("vision_config", {}), hf.get("text_config", {})
+    acts = {vc.get("hidden_act", "quick_gelu"), tc.get("hidden_act", "quick_gelu")}
+    if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
+        raise ConversionError(f"unsupported HF activations {sorted(acts)}; expected quick_gelu or gelu in both towers")
+
+    def eps_kwargs(c: dict) -> Optional[dict]:
+        eps = c.get("layer_norm_eps", 1e-5)
+        return None if eps == 1e-5 else {"eps": eps}
+
+    v_width, t_width = vc.get("hidden_size", 768), tc.get("hidden_size", 512)
+    v_heads, t_heads = vc.get("num_attention_heads", 12), tc.get("num_attention_heads", 8)
+    eos = tc.get("eos_token_id", 2)
+    text_cfg = {
+        "context_length": tc.get("max_position_embeddings", 77),
+        "vocab_size": tc.get("vocab_size", 49408),
+        "width": t_width,
+        "heads": t_heads,
+        "layers": tc.get("num_hidden_layers", 12),
+        "mlp_ratio": tc.get("intermediate_size", 2048) / t_width,
+        "norm_kwargs": eps_kwargs(tc),
+    }
+    # HF's legacy configs (eos_token_id 2) pool the largest token id, like OpenAI's argmax.
+    if eos == 2:
+        text_cfg["pool_type"] = "argmax"
+    else:
+        text_cfg.update(pool_type="eos", eos_id=eos)
+    return {
+        "embed_dim": hf.get("projection_dim", 512),
+        "quick_gelu": acts == {"quick_gelu"},
+        "init_logit_scale": hf.get("logit_scale_init_value", 2.6592),
+        "vision_cfg": {
+            "image_size": vc.get("image_size", 224),
+            "patch_size": vc.get("patch_size", 32),
+            "width": v_width,
+            "head_width": v_width // v_heads,
+            "layers": vc.get("num_hidden_layers", 12),
+            "mlp_ratio": vc.get("intermediate_size", 3072) / v_width,
+            "norm_kwargs": eps_kwargs(vc),
+        },
+        "text_cfg": text_cfg,
+    }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Type, Union
 
 from .data.tokenizer import SimpleTokenizer
 from .data.transforms import (
@@ -38,8 +38,8 @@ def _read_json(path: Path) -> Dict[str, Any]:
         return json.load(f)
 
 
-def _resolve_model(model_name: Union[str, Path]) -> Tuple[Dict[str, Any], Optional[Path], Optional[Path]]:
-    """-> (open_clip-schema config, weights to load by default, a save_pretrained dir)."""
+def _resolve_model(model_name: Union[str, Path]) -> Tuple[Dict[str, Any], Optional[Path]]:
+    """-> (open_clip-schema config, weights to load when ``pretrained`` is not given)."""
     path = Path(model_name)
     if path.is_dir():
         cfg_file = path / "config.json"
@@ -47,11 +47,13 @@ def _resolve_model(model_name: Union[str, Path]) -> Tuple[Dict[str, Any], Option
             raise FileNotFoundError(f"model directory {path} has no config.json")
         raw = _read_json(cfg_file)
         if raw.get("model_type") == "clip":
-            return hf_config_to_model_cfg(raw), path, None
+            return hf_config_to_model_cfg(raw), path
         if raw.get("model_type") == CLIPConfig.model_type:
-            return {}, None, path
+            # Built from the config, then loaded by the same safe loader as any checkpoint,
+            # so a third-party directory never reaches a full pickle load.
+            return CLIPConfig.from_pretrained(str(path)).to_model_cfg(), path
         if "vision_cfg" in raw and "text_cfg" in raw:
-            return raw, None, None
+            return raw, None
         raise ValueError(
             f"{cfg_file} is neither an HF CLIP config (model_type 'clip'), a paddlemix config, "
             f"nor an open_clip model config (got model_type {raw.get('model_type')!r})"
@@ -59,8 +61,8 @@ def _resolve_model(model_name: Union[str, Path]) -> Tuple[Dict[str, Any], Option
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"model config {path} does not exist")
-        return load_config_file(path), None, None
-    return get_model_config(str(model_name)), None, None
+        return load_config_file(path), None
+    return get_model_config(str(model_name)), None
 
 
 def create_model(
@@ -73,29 +75,28 @@ def create_model(
     force_patch_dropout: Optional[float] = None,
     force_context_length: Optional[int] = None,
     output_dict: Optional[bool] = None,
+    model_class: Type[CLIP] = CLIP,
 ) -> CLIP:
     """Build a CLIP-family model and load its weights.
+
+    ``model_class`` selects a CLIP subclass with another ``forward`` contract (the OpenAI
+    API's logits-returning model in :mod:`paddlemix.clip`); the weights are the same.
 
     ``precision`` 'fp16' / 'bf16' cast the weights (norms still compute in fp32);
     'amp' keeps fp32 weights for use under ``paddle.amp.auto_cast``.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    cfg, default_weights, saved_dir = _resolve_model(model_name)
-    if saved_dir is not None:
-        model = CLIP.from_pretrained(str(saved_dir))
-        if force_image_size or force_quick_gelu or force_patch_dropout is not None or force_context_length:
-            raise ValueError("force_* overrides are not supported for a save_pretrained directory; edit its config.json")
-    else:
-        if force_quick_gelu:
-            cfg["quick_gelu"] = True
-        if force_patch_dropout is not None:
-            cfg["vision_cfg"]["patch_dropout"] = force_patch_dropout
-        if force_image_size is not None:
-            cfg["vision_cfg"]["image_size"] = force_image_size
-        if force_context_length is not None:
-            cfg["text_cfg"]["context_length"] = force_context_length
-        model = CLIP(CLIPConfig.from_model_cfg(cfg))
+    cfg, default_weights = _resolve_model(model_name)
+    if force_quick_gelu:
+        cfg["quick_gelu"] = True
+    if force_patch_dropout is not None:
+        cfg["vision_cfg"]["patch_dropout"] = force_patch_dropout
+    if force_image_size is not None:
+        cfg["vision_cfg"]["image_size"] = force_image_size
+    if force_context_length is not None:
+        cfg["text_cfg"]["context_length"] = force_context_length
+    model = model_class(CLIPConfig.from_model_cfg(cfg))
     weights = pretrained if pretrained is not None else default_weights
     if weights is not None:
         load_checkpoint(model, weights)
@@ -179,8 +180,7 @@ def get_tokenizer(model_name: Union[str, Path, CLIP, None] = None, context_lengt
     elif model_name is None:
         text_cfg = {}
     else:
-        cfg, _, saved = _resolve_model(model_name)
-        text_cfg = CLIPConfig.from_pretrained(str(saved)).text_cfg if saved is not None else cfg.get("text_cfg", {})
+        text_cfg = _resolve_model(model_name)[0].get("text_cfg", {})
     if text_cfg.get("hf_tokenizer_name"):
         raise NotImplementedError(
             f"model {model_name!r} uses the HF tokenizer {text_cfg['hf_tokenizer_name']!r}, "

@@ -61,8 +61,8 @@ def test_parity_catches_a_wrong_weight():
     """The tolerance is meaningful: perturbing one weight moves the features past it."""
     case_dir = PARITY / "openai_quickgelu"
     model = paddlemix.create_model(case_dir / "model_config.json", pretrained=case_dir / "model.safetensors")
-    w = model.visual.transformer.blocks[1].mlp.fc2.weight
-    w.set_value(w + 0.01)
+    w = model.visual.transformer.blocks[1].attn.qkv.weight
+    w.set_value(w.numpy() * 1.05)
     with pytest.raises(AssertionError):
         _check(model, case_dir)
 

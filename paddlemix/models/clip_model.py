@@ -143,16 +143,42 @@ class CLIP(PretrainedModel):
         super().__init__(config)
         self.visual = build_vision_tower(config.embed_dim, config.vision, config.quick_gelu)
         self.text = build_text_tower(config.embed_dim, config.text, config.quick_gelu)
+        # Shape [1] as in PaddleMIX (open_clip uses a 0-d tensor; loading converts either way).
         self.logit_scale = self.create_parameter(
-            [], default_initializer=nn.initializer.Constant(config.init_logit_scale)
+            [1], default_initializer=nn.initializer.Constant(config.init_logit_scale)
         )
         if config.init_logit_bias is not None:
             self.logit_bias = self.create_parameter(
-                [], default_initializer=nn.initializer.Constant(config.init_logit_bias)
+                [1], default_initializer=nn.initializer.Constant(config.init_logit_bias)
             )
         else:
             self.logit_bias = None
         self.output_dict = False
+
+    def save_pretrained(self, save_dir: str, *args, safe_serialization: bool = True, **kwargs):
+        """PaddleNLP's save, defaulting to safetensors: weights others load should not be pickles."""
+        return super().save_pretrained(save_dir, *args, safe_serialization=safe_serialization, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype: Optional[str] = None, **kwargs):
+        """Build from ``config.json`` and load the weights with the strict, pickle-free loader.
+
+        Accepts a ``save_pretrained`` directory (safetensors, sharded or legacy ``.pdparams``)
+        or a model-zoo name. Unlike PaddleNLP's loader, a third-party directory never reaches
+        a full pickle load, and missing or unexpected weights are an error.
+        """
+        from ..zoo.loading import load_checkpoint
+        from ..zoo.pretrained import resolve_model_dir
+
+        if args or kwargs:
+            raise TypeError(f"unsupported from_pretrained arguments: {args} {sorted(kwargs)}")
+        path = resolve_model_dir(pretrained_model_name_or_path)
+        model = cls(cls.config_class.from_pretrained(str(path)))
+        load_checkpoint(model, path)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        model.eval()
+        return model
 
     # PaddleNLP calls this for layers whose weights were not in a checkpoint; the towers
     # initialise themselves in their constructors, so nothing is re-initialised here.

@@ -204,4 +204,6 @@ class CLIPConfig(PretrainedConfig):
                "text_cfg": dict(self.text_cfg), "init_logit_scale": self.init_logit_scale}
         if self.init_logit_bias is not None:
             out["init_logit_bias"] = self.init_logit_bias
+        if self.preprocess_cfg:
+            out["preprocess_cfg"] = dict(self.preprocess_cfg)
         return out

@@ -266,7 +266,8 @@ class VisionTransformer(nn.Layer):
                 for p in params:
                     p.stop_gradient = False
         # A fixed sin-cos table is never trained, locked or not.
-        self.positional_embedding.stop_gradient = self.pos_embed_fixed
+        if self.pos_embed_fixed:
+            self.positional_embedding.stop_gradient = True
 
     def embed(self, x: paddle.Tensor) -> Tuple[paddle.Tensor, Optional[paddle.Tensor]]:
         """Patch + class + position embeddings, patch dropout and pre-norm.

@@ -438,9 +438,8 @@ def _fsync_dir(directory: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -500,8 +499,12 @@ def download_file(
     sha256 = _normalize_sha256(sha256)
     if retries < 0 or backoff < 0 or timeout <= 0:
         raise ValueError(f"need retries >= 0, backoff >= 0, timeout > 0; got {retries}, {backoff}, {timeout}")
-    if dest.is_file() and _cached_file_problem(dest, sha256, expected_size) is None:
-        return dest
+    try:
+        # Lock-free fast path: every rank of a job checks its cache hit in parallel.
+        if _cached_file_problem(dest, sha256, expected_size) is None:
+            return dest
+    except FileNotFoundError:
+        pass  # not cached, or deleted as corrupt by a process holding the lock
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(_sidecar(dest, ".lock"), dest.name):
         # Whoever held the lock before us may have fetched the file meanwhile.

@@ -16,6 +16,7 @@ import numpy as np
 import paddle
 
 
+from .checkpoint import iter_checkpoint_shards
 from .convert import ConversionError, convert_state_dict, detect_layout, resize_pos_embed
 
 logger = logging.getLogger(__name__)
@@ -92,8 +93,6 @@ def load_checkpoint(model: paddle.nn.Layer, path: Union[str, Path], layout: Opti
     if not path.exists():
         raise FileNotFoundError(f"pretrained weights {path} do not exist; give a file or a directory of weights")
     try:
-        from .checkpoint import iter_checkpoint_shards
-
         load_state_dict_into(model, iter_checkpoint_shards(path), layout=layout, source=str(path))
     except ConversionError as e:
         raise WeightLoadError(f"{path}: {e}") from e

@@ -279,6 +279,22 @@ def safetensors_metadata(path: PathLike) -> Dict[str, str]:
 # --------------------------------------------------------------------------------------
 
 
+# Protocol 2 pickles written by Python 3 use Python 2 module names for builtins.
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+    """Protocol 2 has no bytes opcode: Python 3 pickles bytes as _codecs.encode(str, 'latin1')."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise CheckpointError(f"_codecs.encode is only allowed for latin1 bytes, got encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _container_globals() -> Dict[Tuple[str, str], Any]:
+    """Globals plain containers need in any pickle."""
+    return {("collections", "OrderedDict"): collections.OrderedDict, ("_codecs", "encode"): _latin1_bytes}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves globals only from an explicit table; anything else is refused by name."""
 
@@ -295,6 +311,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._persistent_load = persistent_load
 
     def find_class(self, module: str, name: str) -> Any:
+        module = _PY2_MODULES.get(module, module)
         try:
             return self._allowed[(module, name)]
         except KeyError:
@@ -423,7 +440,7 @@ class _TorchUnpickling:
         tensor_builders = (self._rebuild_tensor, self._rebuild_tensor_v2, self._rebuild_tensor_v3)
         self._tensor_builders = tensor_builders
         self.allowed: Dict[Tuple[str, str], Any] = {
-            ("collections", "OrderedDict"): collections.OrderedDict,
+            **_container_globals(),
             ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
             ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
             ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_tensor_v3,
@@ -737,7 +754,7 @@ def _numpy_globals(path: PathLike) -> Dict[Tuple[str, str], Any]:
         return np.frombuffer(data, dtype=dtype_, count=1)[0]
 
     table: Dict[Tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
+        **_container_globals(),
         ("builtins", "tuple"): tuple,  # paddle.save pickles a Tensor outside a state dict as (tuple, (name, array))
         ("numpy", "ndarray"): _NDARRAY,
         ("numpy", "dtype"): dtype,

@@ -24,7 +24,6 @@ CONFIG_BYTES = json.dumps({"embed_dim": 8, "vision_cfg": {"width": 16}}).encode(
 WEIGHTS_SHA = hashlib.sha256(WEIGHTS_BYTES).hexdigest()
 WEIGHTS_PATH = f"{MODEL}/{WEIGHTS}"
 FAST = dict(backoff=0.01, progress=False)
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -172,6 +171,18 @@ def test_5xx_is_retried_with_backoff(server):
     assert path.read_bytes() == WEIGHTS_BYTES
 
 
+def test_stalled_server_times_out_and_is_retried(server):
+    server.hold = threading.Event()
+    release = threading.Thread(target=lambda: (_wait_for(lambda: len(server.gets(WEIGHTS_PATH)) == 2), server.hold.set()))
+    release.start()
+
+    path = fetch(MODEL, WEIGHTS, host=server.base_url, timeout=0.3, retries=1, **FAST)
+
+    release.join()
+    assert [r.range for r in server.gets(WEIGHTS_PATH)] == [None, None]
+    assert path.read_bytes() == WEIGHTS_BYTES
+
+
 def test_gives_up_after_retries(server):
     server.fail[WEIGHTS_PATH] = 10
 
@@ -217,29 +228,36 @@ def test_reader_never_sees_partial_file(server):
     assert dest.read_bytes() == WEIGHTS_BYTES
 
 
+# The child loads download.py by file path: it needs only the standard library
+# and tqdm, and skipping the package import (Paddle) keeps each child ~0.1 s.
 _CHILD = """
-import json, logging, sys
-from paddlemix.zoo.download import fetch, file_sha256
+import importlib.util, json, logging, sys
+spec = importlib.util.spec_from_file_location("zoo_download", sys.argv[5])
+dl = sys.modules["zoo_download"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(dl)
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-path = fetch(sys.argv[1], sys.argv[2], host=sys.argv[3], sha256=sys.argv[4], backoff=0.01, progress=False)
-print(json.dumps({"path": str(path), "sha256": file_sha256(path)}))
+path = dl.fetch(sys.argv[1], sys.argv[2], host=sys.argv[3], sha256=sys.argv[4], backoff=0.01, progress=False)
+print(json.dumps({"path": str(path), "sha256": dl.file_sha256(path)}))
 """
 
 
-def test_two_processes_download_once(server, home, tmp_path):
+def test_two_processes_download_once(server, tmp_path):
     # The server holds the body until one process reports waiting on the lock,
     # so the two downloads overlap for certain.
     server.hold = threading.Event()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     logs = [tmp_path / f"child{i}.log" for i in range(2)]
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", _CHILD, MODEL, WEIGHTS, server.base_url, WEIGHTS_SHA],
-            stdout=subprocess.PIPE, stderr=log.open("w"), env=env, text=True,
-        )
-        for log in logs
-    ]
-    _wait_for(lambda: any("Waiting for another process" in log.read_text() for log in logs), timeout=60)
+    args = [MODEL, WEIGHTS, server.base_url, WEIGHTS_SHA, dl.__file__]
+    children = []
+    for log in logs:
+        with log.open("w") as stderr:
+            children.append(subprocess.Popen([sys.executable, "-c", _CHILD, *args], stdout=subprocess.PIPE, stderr=stderr, text=True))
+
+    def one_waits() -> bool:
+        for child, log in zip(children, logs):
+            assert child.poll() is None, f"child exited early:\n{log.read_text()}"
+        return any("Waiting for another process" in log.read_text() for log in logs)
+
+    _wait_for(one_waits, timeout=60)
     server.hold.set()
     results = [json.loads(child.communicate(timeout=60)[0]) for child in children]
 

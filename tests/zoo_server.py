@@ -145,9 +145,12 @@ class _Handler(BaseHTTPRequestHandler):
             zoo.hold.wait(timeout=60)
         if drop is not None:
             body = body[:drop]
-        for i in range(0, len(body), _WRITE_BYTES):
-            self.wfile.write(body[i : i + _WRITE_BYTES])
-            entry.body_bytes += len(body[i : i + _WRITE_BYTES])
+        try:
+            for i in range(0, len(body), _WRITE_BYTES):
+                self.wfile.write(body[i : i + _WRITE_BYTES])
+                entry.body_bytes += len(body[i : i + _WRITE_BYTES])
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the client gave up (e.g. its read timed out); entry shows what it got
         if drop is not None:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)

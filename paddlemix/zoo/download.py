@@ -390,14 +390,19 @@ def _transfer_once(source: str, part: Path, timeout: float, progress: bool) -> T
         )
         with bar, open(part, "ab") as out:
             try:
-                while chunk := stream.read(_CHUNK_BYTES):
-                    out.write(chunk)
+                while True:
+                    try:
+                        chunk = stream.read(_CHUNK_BYTES)
+                    except (OSError, http.client.HTTPException) as exc:  # resets, timeouts, IncompleteRead
+                        raise _Transient(f"connection to {source} lost after {written} of {total} bytes: {exc}") from exc
+                    if not chunk:
+                        break
+                    out.write(chunk)  # a full disk is not transient: it propagates as OSError
                     digest.update(chunk)
                     written += len(chunk)
                     bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as exc:
-                raise _Transient(f"connection to {source} lost after {written} of {total} bytes: {exc}") from exc
             finally:
+                # Keep what arrived: the next attempt (or run) resumes from it.
                 out.flush()
                 os.fsync(out.fileno())
     if total is not None and written < total:

@@ -50,7 +50,11 @@ def list_models() -> List[str]:
 
 
 def _normalize(name: str) -> str:
-    # PaddleMIX writes ViT-L/14 where open_clip writes ViT-L-14.
+    """PaddleMIX spellings: zoo names ``paddlemix/EVA/EVA02-CLIP-L-14`` name their
+    architecture last, and ``ViT-L/14`` is open_clip's ``ViT-L-14``."""
+    parts = name.split("/")
+    if len(parts) == 3 and parts[0] == "paddlemix":
+        name = parts[2]
     return name.replace("/", "-")
 
 

@@ -46,6 +46,17 @@ def _fp32(x: paddle.Tensor) -> paddle.Tensor:
     return x if x.dtype == paddle.float32 else x.astype("float32")
 
 
+def _cross_entropy(logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+    """Mean ``logsumexp(row) - row[label]``.
+
+    Not ``F.cross_entropy``: Paddle's CPU softmax clamps log-probabilities at -64, which
+    caps a row's loss at 64 when a pair trails the best logit by more than 64 (reachable
+    with a logit scale of 100); ``logsumexp`` has no clamp.
+    """
+    picked = paddle.take_along_axis(logits, labels.unsqueeze(1), axis=1).squeeze(1)
+    return (paddle.logsumexp(logits, axis=1) - picked).mean()
+
+
 class ClipLoss(nn.Layer):
     """Symmetric InfoNCE over image-text pairs; row ``i`` matches column ``i``.
 
@@ -117,7 +128,7 @@ class ClipLoss(nn.Layer):
         with paddle.amp.auto_cast(enable=False):
             per_image, per_text = self.get_logits(image_features, text_features, logit_scale)
             labels = self.labels(per_image.shape[0])
-            return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+            return (_cross_entropy(per_image, labels) + _cross_entropy(per_text, labels)) / 2
 
 
 class SigLipLoss(nn.Layer):

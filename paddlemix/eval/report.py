@@ -1,0 +1,79 @@
+"""Results as CLIP_benchmark-style JSON records and as a table people can read in a log."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+__all__ = ["format_table", "make_record", "write_results"]
+
+
+def make_record(dataset: str, task: str, metrics: Dict[str, Any], model: str, pretrained: Optional[str]) -> Dict[str, Any]:
+    """One result in CLIP_benchmark's schema: ``{"dataset", "model", "pretrained", "task", "metrics"}``."""
+    return {"dataset": dataset, "model": model, "pretrained": pretrained or "", "task": task, "metrics": metrics}
+
+
+def _json_safe(value: Any) -> Any:
+    # NaN / inf are not JSON; a missing metric (e.g. acc5 with < 5 classes) is written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_results(records: Sequence[Dict[str, Any]], output_dir: Union[str, os.PathLike], filename: str = "results.json") -> Path:
+    """Write the records as one JSON list, atomically (a crash never leaves half a file)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / filename
+    fd, tmp = tempfile.mkstemp(prefix=filename, suffix=".tmp", dir=out)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_json_safe(list(records)), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _flatten(metrics: Dict[str, Any], prefix: str = "") -> List[tuple]:
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _flatten(value, name + "/")
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        # Accuracies, recalls and correlations are fractions; print them as percentages.
+        return f"{100.0 * value:.2f}"
+    return str(value)
+
+
+def format_table(records: Sequence[Dict[str, Any]]) -> str:
+    """Fixed-width table: dataset, task, metric, value (fractions shown x100)."""
+    rows = [("dataset", "task", "metric", "value")]
+    for rec in records:
+        for name, value in _flatten(rec["metrics"]):
+            rows.append((rec["dataset"], rec["task"], name, _cell(value)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

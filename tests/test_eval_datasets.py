@@ -163,7 +163,7 @@ def test_retrieval_json(tmp_path):
     ds = RetrievalDataset(path)
     assert len(ds) == 4 and len(ds.texts) == 12
     assert ds.text_to_image.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
-    assert ds.texts[3] == "a red square"
+    assert ds.texts[3] == "a red square in picture 1"
     img, idx = ds[2]
     assert int(idx) == 2 and img.size == (48, 40)
     entries = json.loads(path.read_text())

@@ -1,0 +1,74 @@
+"""Single description of how the `fused_ln` operator is built.
+
+Both build routes read it: `python external_ops/setup.py install` and the JIT
+path in `paddlemix.models.fused_norm`, which loads this file by path. Keeping
+the source list and flags in one place means the two routes cannot drift, and
+the JIT cache key (`source_digest`) covers exactly what goes into the binary.
+"""
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+OP_NAME = "fused_ln"
+# Name of the installed Python module / shared library.
+MODULE_NAME = "paddlemix_fused_ln"
+
+OPS_DIR = Path(__file__).resolve().parent
+KERNEL_DIR = OPS_DIR / "fused_ln"
+
+CPU_SOURCES = ("fused_ln_op.cc", "fused_ln_cpu.cc")
+CUDA_SOURCES = ("fused_ln_op.cu",)
+HEADERS = ("fused_ln_cpu.h", "fused_ln_cpu_rows.inc", "fused_ln_cuda.cuh")
+
+# GPU architectures are named explicitly so no GPU is needed at build time:
+# sm_80 (A100 / A800 / RTX 30xx class) and sm_90 (H100 / H200), plus PTX for
+# sm_90 so newer devices can JIT from it.
+CUDA_ARCH_FLAGS = (
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+)
+
+# -g0 overrides the -g that distutils adds (halves compile time, the binary is
+# for speed); -fopenmp for the row loops. -ffp-contract=off keeps the compiler
+# from fusing a*b - c into one FMA in some places and not others: the backward
+# pass relies on g = dy * w being rounded identically in both of its passes
+# (the kernels spell out the FMAs they want). No -mavx2: the AVX2 kernels are
+# selected by CPUID at run time, so the binary runs on any x86-64.
+CXX_FLAGS = ("-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-I" + str(KERNEL_DIR))
+NVCC_FLAGS = ("-O3", "-std=c++17", "-I" + str(KERNEL_DIR)) + CUDA_ARCH_FLAGS
+LD_FLAGS = ("-fopenmp",)
+
+
+def sources(with_cuda: bool) -> List[str]:
+    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
+    return [str(KERNEL_DIR / name) for name in names]
+
+
+def extension_flags(with_cuda: bool) -> Dict[str, List[str]]:
+    """Keyword arguments shared by `paddle.utils.cpp_extension.load` and `setup`."""
+    return {
+        "extra_cxx_cflags": list(CXX_FLAGS),
+        "extra_cuda_cflags": list(NVCC_FLAGS) if with_cuda else [],
+        "extra_ldflags": list(LD_FLAGS),
+    }
+
+
+def missing_files(with_cuda: bool) -> List[str]:
+    wanted = [KERNEL_DIR / n for n in CPU_SOURCES + HEADERS + (CUDA_SOURCES if with_cuda else ())]
+    return [str(p) for p in wanted if not p.is_file()]
+
+
+def source_digest(with_cuda: bool, paddle_version: str) -> str:
+    """Hash of everything that determines the binary: sources, headers, flags, toolchain ABI."""
+    h = hashlib.sha256()
+    for name in sorted(CPU_SOURCES + HEADERS + (CUDA_SOURCES if with_cuda else ())):
+        h.update(name.encode())
+        h.update((KERNEL_DIR / name).read_bytes())
+    h.update(Path(__file__).read_bytes())
+    h.update(repr((with_cuda, paddle_version, sys.version_info[:2], platform.machine())).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,123 @@
+"""The pretraining job behind ``examples/clip/run_pretrain_dist.py``: one path for every family."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
+
+from paddlenlp.trainer import PdArgumentParser, set_seed
+
+from ..data.sources import build_train_dataset
+from ..data.transforms import image_transform
+from ..factory import create_model, get_model_preprocess_cfg, get_tokenizer
+from .trainer import CLIPTrainer, DataArguments, ModelArguments, PreTrainingArguments, collate_batch, data_world
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["parse_args", "run", "zero_shot_eval_fn"]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    """Flags, or a single JSON recipe file (``configs/train/*.json``) as PdArgumentParser reads it."""
+    parser = PdArgumentParser((ModelArguments, DataArguments, PreTrainingArguments))
+    argv = list(argv) if argv is not None else None
+    if argv is not None and len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _eval_dir(classification_eval: str, data_root: Optional[str]) -> Path:
+    if classification_eval == "demo":
+        from ..data.demo import make_demo_dataset
+
+        return make_demo_dataset(data_root).eval_root
+    return Path(classification_eval)
+
+
+def zero_shot_eval_fn(model, tokenizer, eval_dir: Path, batch_size: int, num_workers: int,
+                      precision: str) -> Callable[[object], Dict[str, float]]:
+    """A closure that evaluates the current weights (classifier rebuilt each call)."""
+    from ..eval.datasets import load_classification_eval
+    from ..eval.zero_shot import evaluate_zero_shot
+
+    pp = get_model_preprocess_cfg(model)
+    transform = image_transform(pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
+                                interpolation=pp["interpolation"], resize_mode=pp["resize_mode"], output="numpy")
+    eval_set = load_classification_eval(eval_dir, transform)
+
+    def run_eval(current_model) -> Dict[str, float]:
+        metrics = evaluate_zero_shot(current_model, tokenizer, eval_set.dataset, eval_set.classnames,
+                                     eval_set.templates, batch_size=batch_size, num_workers=num_workers,
+                                     precision=precision, progress=False)
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    return run_eval
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: PreTrainingArguments) -> Dict[str, float]:
+    set_seed(training_args.seed)
+    model = create_model(
+        model_args.model,
+        model_args.pretrained,
+        force_image_size=model_args.force_image_size,
+        force_quick_gelu=model_args.force_quick_gelu,
+        force_patch_dropout=model_args.force_patch_dropout,
+        force_context_length=model_args.context_length,
+    )
+    model.train()
+    if model_args.lock_image:
+        model.lock_image_tower(model_args.lock_image_unlocked_groups)
+    if model_args.lock_text:
+        model.lock_text_tower(model_args.lock_text_unlocked_layers)
+    if training_args.recompute:
+        model.set_grad_checkpointing(True)
+
+    tokenizer = get_tokenizer(model)
+    pp = get_model_preprocess_cfg(model)
+    train_transform = image_transform(pp["size"], is_train=True, mean=pp["mean"], std=pp["std"],
+                                      interpolation=pp["interpolation"], output="numpy")
+    rank, world, _ = data_world(training_args)
+    train_dataset = build_train_dataset(
+        data_args.task_name,
+        train_transform,
+        tokenizer,
+        data_root=data_args.data_root,
+        image_root=data_args.image_root,
+        context_length=model.context_length,
+        rank=rank,
+        world_size=world,
+        seed=training_args.seed,
+        image_key=data_args.image_key,
+        caption_key=data_args.caption_key,
+        separator=data_args.csv_separator,
+        shuffle_buffer=data_args.shuffle_buffer,
+        max_skip_fraction=data_args.max_skip_fraction,
+    )
+
+    eval_fn = None
+    if data_args.classification_eval:
+        precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+        eval_fn = zero_shot_eval_fn(model, tokenizer, _eval_dir(data_args.classification_eval, data_args.data_root),
+                                    training_args.per_device_eval_batch_size,
+                                    training_args.dataloader_num_workers, precision)
+
+    trainer = CLIPTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=collate_batch,
+        eval_fn=eval_fn,
+        skip_counters=[getattr(train_dataset, "skips", None)],
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    metrics = dict(result.metrics)
+    if eval_fn is not None:
+        metrics.update(trainer.evaluate())
+    if trainer.is_world_process_zero():
+        out = Path(training_args.output_dir) / "train_results.json"
+        out.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        logger.info("results: %s", json.dumps(metrics, sort_keys=True))
+    return metrics

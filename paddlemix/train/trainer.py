@@ -1,0 +1,237 @@
+"""Contrastive pretraining on PaddleNLP's Trainer, for every model family.
+
+The Trainer brings data-parallel and sharded training, mixed precision, gradient
+accumulation, checkpointing and resumption; this module adds what is specific to
+CLIP: the contrastive loss over the whole data world, per-tower parameter groups,
+the logit-scale clamp, LiT locking, and zero-shot evaluation during training.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+from paddlenlp.trainer import Trainer, TrainerCallback, TrainingArguments
+
+from .loss import ClipLoss, SigLipLoss
+from .optim import build_optimizer, cosine_with_warmup
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelArguments", "DataArguments", "PreTrainingArguments", "CLIPTrainer", "collate_batch"]
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(default="CLIP-tiny-demo", metadata={"help": "registered name, config JSON, or model dir"})
+    pretrained: Optional[str] = field(default=None, metadata={"help": "weights file or directory to start from"})
+    force_image_size: Optional[int] = field(default=None, metadata={"help": "train at this image size"})
+    force_patch_dropout: Optional[float] = field(default=None, metadata={"help": "fraction of patches dropped"})
+    force_quick_gelu: bool = field(default=False, metadata={"help": "use QuickGELU (OpenAI-trained weights)"})
+    context_length: Optional[int] = field(default=None, metadata={"help": "text context length override"})
+    lock_image: bool = field(default=False, metadata={"help": "freeze the image tower (LiT)"})
+    lock_image_unlocked_groups: int = field(default=0, metadata={"help": "last image groups left trainable"})
+    lock_text: bool = field(default=False, metadata={"help": "freeze the text tower"})
+    lock_text_unlocked_layers: int = field(default=0, metadata={"help": "last text blocks left trainable"})
+
+
+@dataclass
+class DataArguments:
+    task_name: str = field(
+        default="demo",
+        metadata={"help": "demo | coco_karpathy | a COCO .json | .jsonl/.csv | LAION filelist | tar shard pattern"},
+    )
+    data_root: Optional[str] = field(default=None, metadata={"help": "dataset folder (coco_karpathy, demo)"})
+    image_root: Optional[str] = field(default=None, metadata={"help": "folder of relative image paths"})
+    image_key: Optional[str] = field(default=None, metadata={"help": "JSONL/CSV image column"})
+    caption_key: Optional[str] = field(default=None, metadata={"help": "JSONL/CSV/webdataset caption field"})
+    csv_separator: Optional[str] = field(default=None, metadata={"help": "CSV delimiter"})
+    classification_eval: Optional[str] = field(
+        default=None, metadata={"help": "zero-shot eval set: ImageFolder dir, CIFAR dir, or 'demo'"}
+    )
+    max_skip_fraction: float = field(default=0.1, metadata={"help": "stop when more samples than this are bad"})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "streaming shuffle buffer per reader"})
+
+
+@dataclass
+class PreTrainingArguments(TrainingArguments):
+    """PaddleNLP's TrainingArguments plus PaddleMIX's CLIP flags."""
+
+    loss: str = field(default="clip", metadata={"help": "clip (InfoNCE) or siglip (sigmoid)"})
+    local_loss: bool = field(default=False, metadata={"help": "score local rows against global columns"})
+    gather_with_grad: bool = field(default=False, metadata={"help": "all-gather features with gradient"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or lamb"})
+    visual_lr: Optional[float] = field(default=None, metadata={"help": "image tower peak learning rate"})
+    text_lr: Optional[float] = field(default=None, metadata={"help": "text tower peak learning rate"})
+    visual_wd: Optional[float] = field(default=None, metadata={"help": "image tower weight decay"})
+    text_wd: Optional[float] = field(default=None, metadata={"help": "text tower weight decay"})
+    layer_decay: Optional[float] = field(default=None, metadata={"help": "layer-wise lr decay for both towers"})
+    visual_ld: Optional[float] = field(default=None, metadata={"help": "image tower layer decay"})
+    text_ld: Optional[float] = field(default=None, metadata={"help": "text tower layer decay"})
+    min_lr: float = field(default=0.0, metadata={"help": "cosine schedule floor"})
+    logit_scale_max: float = field(default=math.log(100.0), metadata={"help": "clamp of log logit scale"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss not in ("clip", "siglip"):
+            raise ValueError(f"--loss must be 'clip' or 'siglip', got {self.loss!r}")
+        if self.optimizer not in ("adamw", "lamb"):
+            raise ValueError(f"--optimizer must be 'adamw' or 'lamb', got {self.optimizer!r}")
+        if self.local_loss and not self.gather_with_grad:
+            logger.warning("--local_loss without --gather_with_grad gives gradients of only the local rows")
+
+
+def collate_batch(samples: List[Dict[str, np.ndarray]]) -> Dict[str, paddle.Tensor]:
+    """Stack the per-sample arrays; skipped samples never reach here (the datasets drop them)."""
+    return {
+        "image": paddle.to_tensor(np.stack([s["image"] for s in samples])),
+        "input_ids": paddle.to_tensor(np.stack([s["input_ids"] for s in samples]).astype("int64")),
+    }
+
+
+def data_world(args: TrainingArguments):
+    """(rank, size, group) of the ranks that see different data: data-parallel x sharding.
+
+    With tensor (or pipeline) parallelism the ranks of one model replica see the same
+    batch, so the contrastive gather runs over the replica-crossing group only.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return 0, 1, None
+    if args.tensor_parallel_degree <= 1 and args.pipeline_parallel_degree <= 1:
+        return dist.get_rank(), world, None
+    from paddle.distributed import fleet
+
+    hcg = fleet.get_hybrid_communicate_group()
+    if args.sharding_parallel_degree > 1 and hcg.get_data_parallel_world_size() > 1:
+        raise NotImplementedError(
+            "contrastive gather over data-parallel x sharding with tensor parallelism is not wired; "
+            "use --sharding_parallel_degree or data parallelism with tensor parallelism, not both"
+        )
+    if args.sharding_parallel_degree > 1:
+        group = hcg.get_sharding_parallel_group()
+        return hcg.get_sharding_parallel_rank(), hcg.get_sharding_parallel_world_size(), group
+    group = hcg.get_data_parallel_group()
+    return hcg.get_data_parallel_rank(), hcg.get_data_parallel_world_size(), group
+
+
+class _ClampLogitScale(TrainerCallback):
+    """open_clip clamps the temperature after every optimizer step so logits stay bounded."""
+
+    def __init__(self, trainer: "CLIPTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        scale = self.trainer.clip_model.logit_scale
+        with paddle.no_grad():
+            scale.set_value(paddle.clip(scale, 0.0, args.logit_scale_max))
+
+
+class CLIPTrainer(Trainer):
+    """Trainer whose loss is contrastive over the data world and whose eval is zero-shot.
+
+    ``eval_fn(model) -> Dict[str, float]`` runs the zero-shot evaluation; it is called by
+    ``evaluate()``, i.e. every ``eval_steps`` with ``--evaluation_strategy steps``, with the
+    classifier rebuilt from the current text tower each time.
+    """
+
+    def __init__(self, *args, eval_fn=None, skip_counters=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        rank, size, group = data_world(self.args)
+        if self.args.loss == "siglip":
+            self.loss_fn = SigLipLoss(rank=rank, world_size=size, group=group)
+        else:
+            self.loss_fn = ClipLoss(
+                local_loss=self.args.local_loss,
+                gather_with_grad=self.args.gather_with_grad,
+                rank=rank,
+                world_size=size,
+                group=group,
+            )
+        self.eval_fn = eval_fn
+        self.skip_counters = list(skip_counters)
+        self._last_scale = None
+        self._tic = time.perf_counter()
+        self._samples = 0
+        self.add_callback(_ClampLogitScale(self))
+
+    @property
+    def clip_model(self):
+        model = self.model
+        return model._layers if hasattr(model, "_layers") else model
+
+    def compute_loss(self, model, inputs, return_outputs=False):
+        out = model(image=inputs["image"], text=inputs["input_ids"])
+        image_features, text_features, scale = out[:3]
+        if self.args.loss == "siglip":
+            if len(out) < 4:
+                raise ValueError("the SigLIP loss needs a model with logit_bias: set init_logit_bias in its config")
+            loss = self.loss_fn(image_features, text_features, scale, out[3])
+        else:
+            loss = self.loss_fn(image_features, text_features, scale)
+        self._last_scale = scale
+        self._samples += inputs["image"].shape[0]
+        return (loss, out) if return_outputs else loss
+
+    def create_scheduler(self, num_training_steps: int):
+        if self.lr_scheduler is None:
+            warmup = self.args.warmup_steps or int(self.args.warmup_ratio * num_training_steps)
+            self.lr_scheduler = cosine_with_warmup(
+                self.args.learning_rate, warmup, num_training_steps, min_lr=self.args.min_lr
+            )
+        return self.lr_scheduler
+
+    def create_optimizer(self, lr_scheduler=None):
+        if self.optimizer is None:
+            a = self.args
+            self.optimizer = build_optimizer(
+                self.clip_model,
+                a.optimizer,
+                lr_scheduler if lr_scheduler is not None else self.lr_scheduler,
+                lr=a.learning_rate,
+                weight_decay=a.weight_decay,
+                betas=(a.adam_beta1, a.adam_beta2),
+                eps=a.adam_epsilon,
+                visual_lr=a.visual_lr,
+                text_lr=a.text_lr,
+                visual_wd=a.visual_wd,
+                text_wd=a.text_wd,
+                layer_decay=a.layer_decay,
+                visual_ld=a.visual_ld,
+                text_ld=a.text_ld,
+                grad_clip_norm=a.max_grad_norm,
+                multi_precision=a.fp16_opt_level == "O2",
+            )
+        return self.optimizer
+
+    def log(self, logs: Dict[str, float], **kwargs) -> None:
+        if "loss" in logs:
+            now = time.perf_counter()
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            logs["samples_per_second"] = round(self._samples * world / max(now - self._tic, 1e-9), 2)
+            self._tic, self._samples = now, 0
+            if self._last_scale is not None:
+                logs["logit_scale"] = round(float(self._last_scale), 4)
+            skipped = sum(sum(c.counts.values()) for c in self.skip_counters if hasattr(c, "counts"))
+            if skipped:
+                logs["skipped_samples"] = skipped
+        super().log(logs, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
+        if self.eval_fn is None:
+            return {}
+        model = self.clip_model
+        was_training = model.training
+        model.eval()
+        try:
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.eval_fn(model).items()}
+        finally:
+            if was_training:
+                model.train()
+        self.log(metrics)
+        return metrics

@@ -178,6 +178,8 @@ def zero_shot_predictions(
     k_out = min(topk, num_classes)
     rank, world = world_info(distributed)
     mine = shard_indices(len(dataset), rank, world)
+    if world > 1:
+        logger.info("rank %d of %d evaluates %d of %d images", rank, world, len(mine), len(dataset))
     rows: Dict[str, List[np.ndarray]] = {"labels": [], "topk": [], "correct@1": [], "correct@5": []}
 
     def on_batch(features: np.ndarray, labels: np.ndarray) -> None:

@@ -10,6 +10,7 @@ import os
 import pickle
 import struct
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -242,6 +243,51 @@ def test_torch_pickle_cannot_read_outside_its_storage(tmp_path):
     weights = tmp_path / "oob.bin"
     _torch_zip(weights, torch_pickle, {"0": np.arange(4, dtype="<f4").tobytes()})
     with pytest.raises(CheckpointError, match="does not fit its storage"):
+        load_state_dict(weights)
+
+
+def test_memo_index_bomb_is_cheap(tmp_path):
+    # EMPTY_LIST, LONG_BINPUT 2**28: the C unpickler allocates a 4 GB memo for these 10 bytes.
+    bomb = b"\x80\x02]r\x00\x00\x00\x10."
+    for name, content in (("bomb.pdparams", bomb), ("bomb.bin", None)):
+        path = tmp_path / name
+        if content is None:
+            _torch_zip(path, bomb)
+        else:
+            path.write_bytes(content)
+        start = time.perf_counter()
+        with pytest.raises(CheckpointError, match="expected a dict of tensors"):
+            load_state_dict(path)
+        assert time.perf_counter() - start < 5.0
+
+
+def test_forged_numpy_dtype_state_cannot_change_the_type(tmp_path):
+    genuine = pickle.dumps({"a": np.array([1.5, -2.0], np.float32)}, protocol=2)
+    dtype_state_tail = b"J\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"  # elsize, alignment, flags=0
+    assert genuine.count(dtype_state_tail) == 1
+    # flags 63 marks the type as holding object pointers; numpy's own unpickling trusts that.
+    forged_flags = tmp_path / "flags.pdparams"
+    forged_flags.write_bytes(genuine.replace(dtype_state_tail, dtype_state_tail[:-3] + b"K?t"))
+    loaded = load_state_dict(forged_flags)
+    assert loaded["a"].dtype == np.float32 and loaded["a"].tolist() == [1.5, -2.0]
+    # Structured fields in the state are refused rather than interpreted.
+    forged_fields = tmp_path / "fields.pdparams"
+    forged_fields.write_bytes(genuine.replace(b"NNNJ", b"N]NJ", 1))
+    with pytest.raises(CheckpointError, match="dtype state"):
+        load_state_dict(forged_fields)
+
+
+def test_torch_pickle_cannot_modify_a_tensor_after_building_it(tmp_path):
+    # _rebuild_tensor_v2(...) followed by BUILD {"shape": ...}: the array is out of reach.
+    torch_pickle = (
+        b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n"
+        b"((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+        b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR"
+        b"N}X\x05\x00\x00\x00shapeK\x02K\x02\x86s\x86bs."
+    )
+    weights = tmp_path / "build.bin"
+    _torch_zip(weights, torch_pickle, {"0": np.arange(4, dtype="<f4").tobytes()})
+    with pytest.raises(CheckpointError, match="modify a tensor"):
         load_state_dict(weights)
 
 

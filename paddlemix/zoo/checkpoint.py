@@ -283,20 +283,84 @@ def safetensors_metadata(path: PathLike) -> Dict[str, str]:
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
-def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
-    """Protocol 2 has no bytes opcode: Python 3 pickles bytes as _codecs.encode(str, 'latin1')."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise CheckpointError(f"_codecs.encode is only allowed for latin1 bytes, got encoding {encoding!r}")
-    return text.encode("latin1")
+def _container_globals(path: PathLike) -> Dict[Tuple[str, str], Any]:
+    """Globals plain containers need in any pickle.
+
+    Each load gets fresh callables: a pickle can BUILD attributes onto any object it can
+    name, and must not be able to change a function the next load will use.
+    """
+
+    def latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+        # Protocol 2 has no bytes opcode: Python 3 pickles bytes as _codecs.encode(str, "latin1").
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise _error(path, f"_codecs.encode is only allowed for latin1 bytes, got encoding {encoding!r}")
+        return text.encode("latin1")
+
+    return {("collections", "OrderedDict"): collections.OrderedDict, ("_codecs", "encode"): latin1_bytes}
 
 
-def _container_globals() -> Dict[Tuple[str, str], Any]:
-    """Globals plain containers need in any pickle."""
-    return {("collections", "OrderedDict"): collections.OrderedDict, ("_codecs", "encode"): _latin1_bytes}
+class _ArrayHandle:
+    """An array built during unpickling, sealed against the pickle.
+
+    Returning a bare ndarray would let a later BUILD opcode call its __setstate__ or set its
+    shape/strides; a handle refuses BUILD, and the arrays are taken out only after the
+    pickle has finished (see _materialize).
+    """
+
+    __slots__ = ("path", "array")
+
+    def __init__(self, path: PathLike, array: Optional[np.ndarray] = None) -> None:
+        self.path = path
+        self.array = array
+
+    def __setstate__(self, state: Any) -> None:
+        raise _error(self.path, "pickle tries to modify a tensor after creating it")
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves globals only from an explicit table; anything else is refused by name."""
+def _materialize(path: PathLike, obj: Any, paddle_pairs: bool = False) -> Any:
+    """Replace array handles by their arrays throughout dicts, lists and tuples.
+
+    Shared containers are converted once (a pickle can reference one list from many places,
+    which walked naively is exponential), cycles and absurd nesting are refused.
+    ``paddle_pairs``: Paddle pickles tensors outside a flat state dict as (name, array).
+    """
+    done: Dict[int, Any] = {}
+    in_progress = set()
+
+    def convert(value: Any, depth: int) -> Any:
+        if isinstance(value, _ArrayHandle):
+            if value.array is None:
+                raise _error(path, "pickle creates an array but never gives it data")
+            return value.array
+        if not isinstance(value, (dict, list, tuple)):
+            return value
+        key = id(value)
+        if key in done:
+            return done[key]
+        if key in in_progress or depth > 100:
+            raise _error(path, "pickle has self-referencing or too deeply nested containers")
+        in_progress.add(key)
+        if isinstance(value, dict):
+            result: Any = {k: convert(v, depth + 1) for k, v in value.items()}
+        elif isinstance(value, list):
+            result = [convert(v, depth + 1) for v in value]
+        else:
+            result = tuple(convert(v, depth + 1) for v in value)
+            if paddle_pairs and len(result) == 2 and isinstance(result[0], str) and isinstance(result[1], np.ndarray):
+                result = result[1]
+        in_progress.discard(key)
+        done[key] = result
+        return result
+
+    return convert(obj, 0)
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 - the pure-Python unpickler, on purpose
+    """Resolves globals only from an explicit table; anything else is refused by name.
+
+    Built on the pure-Python unpickler: its memo is a dict, while the C unpickler sizes an
+    array by the largest memo index, so a 10-byte pickle with index 2**28 costs it 4 GB.
+    """
 
     def __init__(
         self,
@@ -334,7 +398,7 @@ def _unpickle(
     allowed: Mapping[Tuple[str, str], Any],
     persistent_load: Optional[Callable[[Any], Any]] = None,
 ) -> Any:
-    stream = data if hasattr(data, "read") else io.BytesIO(data)
+    stream = data if hasattr(data, "read") else io.BytesIO(data)  # mmap objects have read/readline
     with _parse_errors_as(path, "pickle"):
         return _RestrictedUnpickler(stream, path, allowed, persistent_load).load()
 
@@ -437,10 +501,9 @@ class _TorchUnpickling:
         self._order = order
         self._legacy = legacy
         self._storages: Dict[str, _Storage] = {}
-        tensor_builders = (self._rebuild_tensor, self._rebuild_tensor_v2, self._rebuild_tensor_v3)
-        self._tensor_builders = tensor_builders
+        self._tensor_builders = (self._rebuild_tensor, self._rebuild_tensor_v2, self._rebuild_tensor_v3)
         self.allowed: Dict[Tuple[str, str], Any] = {
-            **_container_globals(),
+            **_container_globals(path),
             ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
             ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
             ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_tensor_v3,
@@ -484,19 +547,19 @@ class _TorchUnpickling:
 
     # -- tensor reconstruction ----------------------------------------------------------
 
-    def _rebuild_tensor(self, storage: Any, storage_offset: Any, size: Any, stride: Any) -> Optional[np.ndarray]:
+    def _rebuild_tensor(self, storage: Any, storage_offset: Any, size: Any, stride: Any) -> Optional[_ArrayHandle]:
         return self._tensor(storage, storage_offset, size, stride, None)
 
     def _rebuild_tensor_v2(
         self, storage: Any, storage_offset: Any, size: Any, stride: Any, *unused: Any
-    ) -> Optional[np.ndarray]:
+    ) -> Optional[_ArrayHandle]:
         # unused: requires_grad, backward_hooks, metadata (autograd and conj/neg bits).
         return self._tensor(storage, storage_offset, size, stride, None)
 
     def _rebuild_tensor_v3(
         self, storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any,
         *unused: Any,
-    ) -> Optional[np.ndarray]:
+    ) -> Optional[_ArrayHandle]:
         # torch uses v3 for element types without a typed storage class (uint16/32/64,
         # float8): the storage is untyped bytes and the dtype comes separately.
         if not isinstance(dtype, _TorchDtype):
@@ -505,7 +568,7 @@ class _TorchUnpickling:
 
     def _rebuild_parameter(self, data: Any, *unused: Any) -> Any:
         # unused: requires_grad, hooks and (for _rebuild_parameter_with_state) Python attributes.
-        if data is not None and not isinstance(data, np.ndarray):
+        if data is not None and not isinstance(data, _ArrayHandle):
             raise _error(self._path, f"parameter data is {type(data).__name__}, not a tensor")
         return data
 
@@ -517,7 +580,7 @@ class _TorchUnpickling:
 
     def _tensor(
         self, storage: Any, offset: Any, size: Any, stride: Any, dtype: Optional[_TorchDtype]
-    ) -> Optional[np.ndarray]:
+    ) -> Optional[_ArrayHandle]:
         if not isinstance(storage, _Storage):
             raise _error(self._path, "tensor is not backed by a storage record")
         if not (
@@ -575,7 +638,7 @@ class _TorchUnpickling:
             array = _bf16_bits_to_float32(array)
         elif element.kind == "bool":
             array = array != 0
-        return array
+        return _ArrayHandle(self._path, array)
 
 
 class _TorchGlobals(dict):
@@ -659,7 +722,7 @@ def _load_torch_zip(path: PathLike) -> Any:
 
         unpickling = _TorchUnpickling(path, storage_data, order)
         pickled = bytes(_zip_record(path, zf, mm, f"{prefix}/data.pkl"))
-        return _unpickle(pickled, path, unpickling.unpickler_table(), unpickling.persistent_load)
+        return _materialize(path, _unpickle(pickled, path, unpickling.unpickler_table(), unpickling.persistent_load))
 
 
 def _load_torch_legacy(path: PathLike) -> Any:
@@ -670,7 +733,8 @@ def _load_torch_legacy(path: PathLike) -> Any:
     needed to find where each storage's bytes start, then the real run builds the arrays.
     """
     mm = _map_file(path)
-    with _parse_errors_as(path, "legacy torch file"), open(path, "rb") as stream:
+    stream = mm
+    with _parse_errors_as(path, "legacy torch file"):
         if _unpickle(stream, path, {}) != _TORCH_LEGACY_MAGIC:
             raise _error(path, "not a torch file (bad magic number)")
         if _unpickle(stream, path, {}) != _TORCH_LEGACY_PROTOCOL:
@@ -714,7 +778,7 @@ def _load_torch_legacy(path: PathLike) -> Any:
 
         stream.seek(main_start)
         real = _TorchUnpickling(path, storage_data, order, legacy=True)
-        return _unpickle(stream, path, real.unpickler_table(), real.persistent_load)
+        return _materialize(path, _unpickle(stream, path, real.unpickler_table(), real.persistent_load))
 
 
 # --------------------------------------------------------------------------------------
@@ -732,29 +796,87 @@ class _NumpyClass(NamedTuple):
 _NDARRAY = _NumpyClass("numpy.ndarray")
 
 
+class _PickledDtype:
+    """Stand-in for a pickled numpy.dtype: a plain numeric type plus the byte order from BUILD.
+
+    numpy's own dtype.__setstate__ trusts the pickle with the type's flags and fields; a
+    forged state can mark float32 as holding object pointers. Here only the byte order is taken.
+    """
+
+    __slots__ = ("path", "dtype")
+
+    def __init__(self, path: PathLike, dtype: np.dtype) -> None:
+        self.path = path
+        self.dtype = dtype
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
+        if not (
+            isinstance(state, tuple)
+            and len(state) in (8, 9)
+            and state[1] in ("<", ">", "|", "=")
+            and state[2:5] == (None, None, None)
+        ):
+            raise _error(self.path, f"unsupported numpy dtype state {str(state)[:80]}")
+        if state[1] in "<>":
+            self.dtype = _with_byte_order(self.dtype, state[1])
+
+
+class _PickledArray(_ArrayHandle):
+    """Stand-in for a pickled ndarray: BUILD gives (version, shape, dtype, fortran, bytes) once."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        if self.array is not None:
+            raise _error(self.path, "pickle sets an array's data twice")
+        if isinstance(state, tuple) and len(state) == 4:  # version 0 had no version field
+            state = (0,) + state
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise _error(self.path, "malformed numpy array state")
+        _, shape, dtype, fortran, data = state
+        if not (
+            isinstance(shape, tuple)
+            and all(_is_int(n) and n >= 0 for n in shape)
+            and isinstance(dtype, _PickledDtype)
+            and isinstance(fortran, bool)
+            and isinstance(data, (bytes, bytearray))
+        ):
+            raise _error(self.path, "malformed numpy array state")
+        count = math.prod(shape)
+        if len(data) != count * dtype.dtype.itemsize:
+            raise _error(
+                self.path, f"numpy array of shape {list(shape)} and dtype {dtype.dtype} has {len(data)} bytes of data"
+            )
+        array = np.frombuffer(data, dtype=dtype.dtype, count=count) if count else np.empty(0, dtype=dtype.dtype)
+        array = array.reshape(shape, order="F" if fortran else "C")
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("=").str)
+        if array.dtype.kind == "b":
+            array = array.view(np.uint8) != 0  # any byte but 0 is True, as numpy reads it
+        self.array = array
+
+
 def _numpy_globals(path: PathLike) -> Dict[Tuple[str, str], Any]:
     """Stand-ins for the numpy globals an array pickle uses; each checks its arguments."""
 
-    def reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
-        # The real _reconstruct allocates ``shape``; BUILD then replaces shape, dtype and data
-        # through ndarray.__setstate__, which checks the data length. Start from nothing.
+    def reconstruct(subtype: Any, shape: Any, typecode: Any) -> _PickledArray:
         if subtype is not _NDARRAY:
             raise _error(path, f"array subclass {subtype!r} is not allowed")
-        return np.empty(0, dtype=np.uint8)
+        return _PickledArray(path)
 
-    def dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    def dtype(spec: Any, align: Any = False, copy: Any = False) -> _PickledDtype:
         if not isinstance(spec, str) or not _NUMPY_DTYPE_SPEC.fullmatch(spec):
             raise _error(path, f"numpy dtype {spec!r} is not a numeric dtype")
-        # copy=True: BUILD runs __setstate__ on the result, which must not be numpy's shared instance.
-        return np.dtype(spec, align=False, copy=True)
+        return _PickledDtype(path, np.dtype(spec))
 
     def scalar(dtype_: Any, data: Any) -> Any:
-        if not isinstance(dtype_, np.dtype) or dtype_.kind not in _TENSOR_KINDS or not isinstance(data, bytes):
+        if not isinstance(dtype_, _PickledDtype) or not isinstance(data, bytes):
             raise _error(path, "malformed numpy scalar")
-        return np.frombuffer(data, dtype=dtype_, count=1)[0]
+        return np.frombuffer(data, dtype=dtype_.dtype, count=1)[0]
 
     table: Dict[Tuple[str, str], Any] = {
-        **_container_globals(),
+        **_container_globals(path),
         ("builtins", "tuple"): tuple,  # paddle.save pickles a Tensor outside a state dict as (tuple, (name, array))
         ("numpy", "ndarray"): _NDARRAY,
         ("numpy", "dtype"): dtype,
@@ -786,25 +908,10 @@ def _join_paddle_big_params(path: PathLike, obj: Any) -> Any:
     return obj
 
 
-def _paddle_pairs_to_arrays(obj: Any) -> Any:
-    """Paddle pickles tensors outside a flat state dict as (name, array) pairs."""
-    if isinstance(obj, dict):
-        return type(obj)((k, _paddle_pairs_to_arrays(v)) for k, v in obj.items())
-    if (
-        isinstance(obj, tuple)
-        and len(obj) == 2
-        and isinstance(obj[0], str)
-        and isinstance(obj[1], np.ndarray)
-    ):
-        return obj[1]
-    return obj
-
-
 def _load_numpy_pickle(path: PathLike) -> Any:
-    with _parse_errors_as(path, "pickle"), open(path, "rb") as f:
-        obj = _unpickle(f, path, _numpy_globals(path))
+    obj = _materialize(path, _unpickle(_map_file(path), path, _numpy_globals(path)), paddle_pairs=True)
     with _parse_errors_as(path, "Paddle state dict"):
-        return _paddle_pairs_to_arrays(_join_paddle_big_params(path, obj))
+        return _join_paddle_big_params(path, obj)
 
 
 # --------------------------------------------------------------------------------------

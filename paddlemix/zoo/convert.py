@@ -23,8 +23,10 @@ class ConversionError(ValueError):
 
 
 def detect_layout(sd: StateDict) -> str:
-    """Name the layout of a state dict: 'paddlemix', 'hf', 'eva', 'open_clip'."""
+    """Name the layout of a state dict: 'paddlemix', 'paddlemix_legacy', 'hf', 'eva', 'open_clip'."""
     keys = set(sd)
+    if _is_paddlemix_legacy(sd):
+        return "paddlemix_legacy"
     if any(k.startswith("vision_model.") or k.startswith("text_model.") for k in keys):
         return "hf"
     if any(k.startswith("visual.transformer.blocks.") or k.startswith("text.transformer.blocks.") for k in keys):
@@ -124,6 +126,12 @@ class _Mapper:
             parts = [self.src.pop(n) for n in names]
             fused = np.concatenate(parts, axis=0)
             self.out[dst] = _t(fused) if transpose else fused
+
+    def fuse_qkv_axis1(self, names: List[str], dst: str) -> None:
+        """Concatenate Paddle-oriented ([in, out]) parts along the output axis (1-D: biases)."""
+        if all(n in self.src for n in names):
+            parts = [self.src.pop(n) for n in names]
+            self.out[dst] = np.concatenate(parts, axis=parts[0].ndim - 1)
 
     def drop(self, pattern: str) -> None:
         for k in [k for k in self.src if re.fullmatch(pattern, k)]:
@@ -245,7 +253,147 @@ def _convert_hf(sd: StateDict) -> StateDict:
     return m.finish("HF transformers")
 
 
-_CONVERTERS = {"open_clip": _convert_open_clip, "eva": _convert_eva, "hf": _convert_hf, "paddlemix": dict}
+# ----------------------------------------------------------------------------------------------
+# PaddleMIX's own Paddle checkpoints (the files it hosts as model_state*.pdparams).
+#
+# PaddleMIX ported open_clip / EVA-CLIP to Paddle keeping the reference module names but with
+# separate q/k/v projections (``attn.q_proj`` ...) and Paddle's [in, out] linear weights, so
+# nothing is transposed here; q/k/v are fused along the output axis. Its EVA towers keep the
+# q/v biases on the projections instead of EVA-CLIP's ``q_bias``/``v_bias``, and bfloat16
+# weights arrive as the uint16 bit patterns Paddle pickles them as.
+_LEGACY_CLIP_BLOCK: List[Tuple[str, str, bool]] = [
+    ("ln_1.weight", "norm1.weight", False),
+    ("ln_1.bias", "norm1.bias", False),
+    ("ln_2.weight", "norm2.weight", False),
+    ("ln_2.bias", "norm2.bias", False),
+    ("attn.out_proj.weight", "attn.proj.weight", False),
+    ("attn.out_proj.bias", "attn.proj.bias", False),
+    ("attn.in_proj_weight", "attn.qkv.weight", False),
+    ("attn.in_proj_bias", "attn.qkv.bias", False),
+    ("mlp.c_fc.weight", "mlp.fc1.weight", False),
+    ("mlp.c_fc.bias", "mlp.fc1.bias", False),
+    ("mlp.c_proj.weight", "mlp.fc2.weight", False),
+    ("mlp.c_proj.bias", "mlp.fc2.bias", False),
+    ("ls_1.gamma", "ls1.gamma", False),
+    ("ls_2.gamma", "ls2.gamma", False),
+]
+
+_LEGACY_EVA_BLOCK: List[Tuple[str, str, bool]] = [
+    (src, dst, False) for src, dst, _ in _EVA_BLOCK if not src.startswith(("attn.qkv.", "attn.q_bias", "attn.v_bias"))
+] + [("attn.q_proj.bias", "attn.q_bias", False), ("attn.v_proj.bias", "attn.v_bias", False)]
+
+_LEGACY_RESBLOCK_ATTN = re.compile(r"(^|\.)resblocks\.\d+\.attn\.(q_proj|k_proj|v_proj)\.weight$")
+_LEGACY_EVA_ATTN = re.compile(r"^visual\.blocks\.\d+\.attn\.(q_proj\.bias|v_proj\.bias|qv_proj\.weight)$")
+_EVA_MLP_IN = re.compile(r"^visual\.blocks\.(\d+)\.mlp\.(fc1|w1)\.weight$")
+
+
+def _is_paddlemix_legacy(sd: StateDict) -> bool:
+    """PaddleMIX's keys, told apart from the torch layouts they imitate.
+
+    CLIP towers: split ``attn.q_proj`` under ``resblocks`` (open_clip packs ``in_proj_weight``).
+    EVA towers: biases on the projections, or else the [in, out] orientation of the first MLP
+    matrix, which is unambiguous because its two sides differ (hidden width != model width).
+    """
+    for key in sd:
+        if _LEGACY_RESBLOCK_ATTN.search(key) or _LEGACY_EVA_ATTN.match(key):
+            return True
+    for key, value in sd.items():
+        m = _EVA_MLP_IN.match(key)
+        if m is None:
+            continue
+        norm = sd.get(f"visual.blocks.{m.group(1)}.norm1.weight")
+        if norm is not None and value.ndim == 2 and value.shape[0] == norm.shape[0] != value.shape[1]:
+            return True
+    return False
+
+
+def _bf16_bits_as_float32(x: np.ndarray) -> np.ndarray:
+    """Paddle pickles bfloat16 as raw uint16 bits; no CLIP weight is an integer, so widen them."""
+    if x.dtype == np.uint16:
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    return x
+
+
+def _legacy_attn(m: _Mapper, src: str, dst: str) -> None:
+    """Fuse split q/k/v projections ([in, out] each) into one [in, 3 * out] matrix."""
+    m.fuse_qkv_axis1([src + f"attn.{n}_proj.weight" for n in "qkv"], dst + "attn.qkv.weight")
+    m.fuse_qkv_axis1([src + f"attn.{n}_proj.bias" for n in "qkv"], dst + "attn.qkv.bias")
+
+
+def _legacy_text(m: _Mapper, src: str) -> None:
+    m.move(src + "token_embedding.weight", "text.token_embedding.weight")
+    m.move(src + "positional_embedding", "text.positional_embedding")
+    m.move(src + "cls_emb", "text.cls_emb")
+    m.move(src + "ln_final.weight", "text.ln_final.weight")
+    m.move(src + "ln_final.bias", "text.ln_final.bias")
+    m.move(src + "text_projection", "text.text_projection.weight")
+    m.drop(re.escape(src) + r"attn_mask")
+    for i in _block_indices(m.src, src + "transformer.resblocks."):
+        s, d = f"{src}transformer.resblocks.{i}.", f"text.transformer.blocks.{i}."
+        m.block(s, d, _LEGACY_CLIP_BLOCK)
+        _legacy_attn(m, s, d)
+
+
+def _convert_paddlemix_legacy(sd: StateDict) -> StateDict:
+    m = _Mapper({k: _bf16_bits_as_float32(v) for k, v in sd.items()})
+    # CLIP vision tower (PaddleMIX VisionTransformer).
+    m.move("visual.conv1.weight", "visual.patch_embed.weight")
+    m.move("visual.class_embedding", "visual.class_embedding")
+    m.move("visual.positional_embedding", "visual.positional_embedding")
+    m.move("visual.ln_pre.weight", "visual.norm_pre.weight")
+    m.move("visual.ln_pre.bias", "visual.norm_pre.bias")
+    m.move("visual.ln_post.weight", "visual.norm.weight")
+    m.move("visual.ln_post.bias", "visual.norm.bias")
+    m.move("visual.proj", "visual.head.weight")
+    for i in _block_indices(m.src, "visual.transformer.resblocks."):
+        s, d = f"visual.transformer.resblocks.{i}.", f"visual.transformer.blocks.{i}."
+        m.block(s, d, _LEGACY_CLIP_BLOCK)
+        _legacy_attn(m, s, d)
+    p = "visual.attn_pool."
+    m.move(p + "query", p + "query")
+    for ln in ("ln_q", "ln_k"):
+        m.move(f"{p}{ln}.weight", f"{p}{ln}.weight")
+        m.move(f"{p}{ln}.bias", f"{p}{ln}.bias")
+    for part in ("weight", "bias"):
+        m.move(f"{p}attn.q_proj.{part}", f"{p}q_proj.{part}")
+        m.move(f"{p}attn.out_proj.{part}", f"{p}out_proj.{part}")
+        m.fuse_qkv_axis1([f"{p}attn.k_proj.{part}", f"{p}attn.v_proj.{part}"], f"{p}kv_proj.{part}")
+    # EVA vision tower (PaddleMIX EVAVisionTransformer).
+    m.move("visual.patch_embed.proj.weight", "visual.patch_embed.weight")
+    m.move("visual.patch_embed.proj.bias", "visual.patch_embed.bias")
+    m.move("visual.cls_token", "visual.class_embedding", lambda x: x.reshape(-1))
+    m.move("visual.pos_embed", "visual.positional_embedding", lambda x: x.reshape(x.shape[-2], x.shape[-1]))
+    for norm in ("norm", "fc_norm"):
+        m.move(f"visual.{norm}.weight", "visual.norm.weight")
+        m.move(f"visual.{norm}.bias", "visual.norm.bias")
+    m.move("visual.head.weight", "visual.head.weight")
+    m.move("visual.head.bias", "visual.head.bias")
+    m.drop(r"visual\.rope\.freqs_(cos|sin)")
+    for i in _block_indices(m.src, "visual.blocks."):
+        s, d = f"visual.blocks.{i}.", f"visual.transformer.blocks.{i}."
+        if s + "attn.qv_proj.weight" in m.src:  # fuse_qv: q and v share one matrix, k is separate
+            q_w, v_w = np.split(m.src.pop(s + "attn.qv_proj.weight"), 2, axis=1)
+            m.out[d + "attn.qkv.weight"] = np.concatenate([q_w, m.src.pop(s + "attn.k_proj.weight"), v_w], axis=1)
+            if s + "attn.qv_proj.bias" in m.src:
+                m.out[d + "attn.q_bias"], m.out[d + "attn.v_bias"] = np.split(m.src.pop(s + "attn.qv_proj.bias"), 2)
+        m.block(s, d, _LEGACY_EVA_BLOCK)
+        m.fuse_qkv_axis1([s + f"attn.{n}_proj.weight" for n in "qkv"], d + "attn.qkv.weight")
+        m.fuse_qkv_axis1([s + "mlp.w1.weight", s + "mlp.w2.weight"], d + "mlp.fc1.weight")
+        m.fuse_qkv_axis1([s + "mlp.w1.bias", s + "mlp.w2.bias"], d + "mlp.fc1.bias")
+    # Text tower: under ``text.`` (custom_text / EVA) or flattened into the CLIP root.
+    _legacy_text(m, "text." if any(k.startswith("text.") for k in m.src) else "")
+    m.move("logit_scale", "logit_scale")
+    m.drop(r"attn_mask")
+    return m.finish("PaddleMIX (legacy Paddle)")
+
+
+_CONVERTERS = {
+    "open_clip": _convert_open_clip,
+    "eva": _convert_eva,
+    "hf": _convert_hf,
+    "paddlemix": dict,
+    "paddlemix_legacy": _convert_paddlemix_legacy,
+}
 
 
 def convert_state_dict(sd: StateDict, layout: Optional[str] = None) -> StateDict:

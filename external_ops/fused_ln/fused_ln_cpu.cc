@@ -1,20 +1,22 @@
 // CPU driver for the fused (residual add +) LayerNorm / RMSNorm kernels.
 //
 // Rows are independent, so the forward pass is an OpenMP loop over rows. The
-// backward pass also needs dweight / dbias, which are sums over rows: each
-// thread accumulates private [cols] partials for its block of rows and the
-// threads then reduce those partials column-wise, so there are no atomics and
-// the result does not depend on scheduling.
+// backward pass also needs dweight / dbias, which are sums over rows. Rows are
+// cut into a fixed number of contiguous chunks (independent of the thread
+// count); each chunk accumulates private [cols] partials and the partials are
+// then summed column-wise in chunk order. No atomics, and dweight / dbias are
+// bit-identical whatever OMP_NUM_THREADS is or how the chunks were scheduled.
+//
+// Both loops hand out work dynamically in small pieces: on a shared or
+// oversubscribed machine a descheduled thread then delays only its current
+// piece, instead of half of the work behind a static split.
 #include "fused_ln_cpu.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define FUSED_LN_HAVE_AVX2_PATH 1
@@ -28,6 +30,13 @@ namespace {
 
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelMinElems = 1 << 15;
+// Rows per dynamically scheduled piece of the forward loop.
+constexpr int64_t kForwardRowsPerPiece = 16;
+// Backward row chunks (each with its own dweight / dbias partials). Enough
+// pieces to balance a few threads, few enough that the partials stay small.
+constexpr int64_t kBackwardChunks = 64;
+// Column block of the final partial reduction (fits in L1 as two accumulators).
+constexpr int64_t kReduceColumns = 512;
 
 namespace generic {
 // Portable policy: one lane. The four-accumulator loops in the row kernels still
@@ -90,14 +99,6 @@ bool cpu_has_avx2_fma() {
 
 bool use_avx2(bool portable) { return !portable && cpu_has_avx2_fma(); }
 
-int max_threads() {
-#if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
 // Missing affine parameters become explicit ones / zeros so the row kernels
 // have no per-element branches.
 struct Affine {
@@ -123,7 +124,7 @@ void cpu_forward(const CpuForwardArgs& a) {
   const bool avx2_path = use_avx2(a.portable);
   const int64_t rows = a.rows, cols = a.cols;
   const bool parallel = rows > 1 && rows * cols >= kParallelMinElems;
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(dynamic, kForwardRowsPerPiece) if (parallel)
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t off = i * cols;
     const float* r = a.residual != nullptr ? a.residual + off : nullptr;
@@ -156,45 +157,51 @@ void cpu_backward(const CpuBackwardArgs& a) {
   const Affine affine(a.weight, nullptr, cols);
   const bool avx2_path = use_avx2(a.portable);
   const bool parallel = rows > 1 && rows * cols >= kParallelMinElems;
-  const int64_t nt = parallel ? std::max<int64_t>(1, std::min<int64_t>(max_threads(), rows)) : 1;
-  // partials[t] holds thread t's dweight sums, partials[nt + t] its dbias sums.
-  std::vector<float> partials(static_cast<size_t>(2 * nt * cols), 0.0f);
+  const int64_t chunks = std::min<int64_t>(rows, kBackwardChunks);
+  // partials[c] holds chunk c's dweight sums, partials[chunks + c] its dbias sums;
+  // each chunk zeroes its own pair, so the buffer starts uninitialised.
+  std::unique_ptr<float[]> partials(new float[static_cast<size_t>(2 * chunks * cols)]);
 
-#pragma omp parallel num_threads(static_cast<int>(nt)) if (parallel)
+#pragma omp parallel if (parallel)
   {
-#if defined(_OPENMP)
-    const int64_t t = omp_get_thread_num(), team = omp_get_num_threads();
-#else
-    const int64_t t = 0, team = 1;
-#endif
-    float* dwp = partials.data() + t * cols;
-    float* dbp = partials.data() + (nt + t) * cols;
-    const int64_t begin = rows * t / team, end = rows * (t + 1) / team;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t off = i * cols;
-      const float* ds = a.dresidual_out != nullptr ? a.dresidual_out + off : nullptr;
-      float* dr = a.dresidual != nullptr ? a.dresidual + off : nullptr;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* dwp = partials.get() + c * cols;
+      float* dbp = partials.get() + (chunks + c) * cols;
+      std::fill(dwp, dwp + cols, 0.0f);
+      std::fill(dbp, dbp + cols, 0.0f);
+      for (int64_t i = rows * c / chunks, end = rows * (c + 1) / chunks; i < end; ++i) {
+        const int64_t off = i * cols;
+        const float* ds = a.dresidual_out != nullptr ? a.dresidual_out + off : nullptr;
+        float* dr = a.dresidual != nullptr ? a.dresidual + off : nullptr;
 #if FUSED_LN_HAVE_AVX2_PATH
-      if (avx2_path) {
-        avx2::backward_row(a.xn + off, a.dy + off, affine.w, ds, a.mean[i], a.rstd[i], dwp, dbp, a.dx + off, dr,
-                           cols, a.rms_norm);
-        continue;
-      }
+        if (avx2_path) {
+          avx2::backward_row(a.xn + off, a.dy + off, affine.w, ds, a.mean[i], a.rstd[i], dwp, dbp, a.dx + off, dr,
+                             cols, a.rms_norm);
+          continue;
+        }
 #endif
-      generic::backward_row(a.xn + off, a.dy + off, affine.w, ds, a.mean[i], a.rstd[i], dwp, dbp, a.dx + off, dr,
-                            cols, a.rms_norm);
-    }
-#pragma omp barrier
-    // Column-wise reduction of the per-thread partials, split across the team.
-    const int64_t c0 = cols * t / team, c1 = cols * (t + 1) / team;
-    for (int64_t j = c0; j < c1; ++j) {
-      float sw = 0.0f, sb = 0.0f;
-      for (int64_t p = 0; p < nt; ++p) {
-        sw += partials[p * cols + j];
-        sb += partials[(nt + p) * cols + j];
+        generic::backward_row(a.xn + off, a.dy + off, affine.w, ds, a.mean[i], a.rstd[i], dwp, dbp, a.dx + off, dr,
+                              cols, a.rms_norm);
       }
-      if (a.dweight != nullptr) a.dweight[j] = sw;
-      if (a.dbias != nullptr) a.dbias[j] = sb;
+    }
+    // (implicit barrier) Column blocks of the chunk partials, summed in chunk order.
+#pragma omp for schedule(static)
+    for (int64_t j0 = 0; j0 < cols; j0 += kReduceColumns) {
+      const int64_t n = std::min<int64_t>(kReduceColumns, cols - j0);
+      float sw[kReduceColumns], sb[kReduceColumns];
+      std::fill(sw, sw + n, 0.0f);
+      std::fill(sb, sb + n, 0.0f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* pw = partials.get() + c * cols + j0;
+        const float* pb = partials.get() + (chunks + c) * cols + j0;
+        for (int64_t j = 0; j < n; ++j) {
+          sw[j] += pw[j];
+          sb[j] += pb[j];
+        }
+      }
+      if (a.dweight != nullptr) std::copy(sw, sw + n, a.dweight + j0);
+      if (a.dbias != nullptr) std::copy(sb, sb + n, a.dbias + j0);
     }
   }
 }

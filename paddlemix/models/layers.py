@@ -242,8 +242,10 @@ class Attention(nn.Layer):
 
     def _qkv(self, x: paddle.Tensor) -> paddle.Tensor:
         if self.qkv_bias_mode == "qv":
+            # Through ``self.qkv`` (not F.linear on its weight) so a tensor-parallel qkv layer
+            # still runs its own forward (F.linear with a bias is the same matmul and add).
             bias = paddle.concat([self.q_bias, paddle.zeros_like(self.q_bias), self.v_bias])
-            return F.linear(x, self.qkv.weight, bias)
+            return self.qkv(x) + bias
         return self.qkv(x)
 
     def forward(
@@ -254,14 +256,15 @@ class Attention(nn.Layer):
         rope_index: Optional[paddle.Tensor] = None,
         num_prefix_tokens: int = 1,
     ) -> paddle.Tensor:
-        B, L, C = x.shape
+        B, L, _ = x.shape
         qkv = self._qkv(x).reshape([B, L, 3, self.num_heads, self.head_dim])
         q, k, v = qkv.unbind(axis=2)  # each [B, L, H, D]
         if rope is not None:
             q = rope.rotate(q, rope_index, num_prefix_tokens)
             k = rope.rotate(k, rope_index, num_prefix_tokens)
         x = self._attend(q, k, v, attn_mask)
-        x = self.norm(x.reshape([B, L, C]))
+        # Heads x head width, not C: under tensor parallelism this rank holds only some heads.
+        x = self.norm(x.reshape([B, L, self.num_heads * self.head_dim]))
         return self.proj_drop(self.proj(x))
 
     def _attend(self, q, k, v, attn_mask):

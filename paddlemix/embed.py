@@ -14,13 +14,12 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .eval.common import PRECISIONS, encode_images, encode_texts
+from .eval.common import PRECISIONS, atomic_write, encode_images, encode_texts
 from .eval.datasets import ImageListDataset, read_lines
 
 logger = logging.getLogger("paddlemix.embed")
@@ -67,19 +66,6 @@ def embed_texts(
                         normalize=normalize, progress=progress, desc="embed texts")
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m paddlemix.embed", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="registered model name, open_clip config JSON, or model directory")
@@ -112,12 +98,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         preprocess.output = "numpy"
         feats, files = embed_images(model, preprocess, args.images, num_workers=args.num_workers, **common)
         listing = out.with_name(out.stem + ".files.txt")
-        _write_atomic(listing, lambda f: f.write("".join(name + "\n" for name in files).encode("utf-8")))
+        atomic_write(listing, lambda f: f.write("".join(name + "\n" for name in files).encode("utf-8")))
         logger.info("image order written to %s", listing)
     else:
         texts = read_lines(args.texts, "texts")
         feats = embed_texts(model, get_tokenizer(model), texts, **common)
-    _write_atomic(out, lambda f: np.save(f, feats.astype(np.float32)))
+    atomic_write(out, lambda f: np.save(f, feats.astype(np.float32)))
     logger.info("wrote %s: float32 %s", out, list(feats.shape))
     return 0
 

@@ -186,3 +186,21 @@ def test_sts_tsv(tmp_path, header):
     (tmp_path / "bad.tsv").write_text("a\tb\t4\nc\td\tfive\n")
     with pytest.raises(ValueError, match="row 2 score 'five'"):
         read_sts_tsv(tmp_path / "bad.tsv")
+
+
+def test_demo_eval_set(tmp_path):
+    """The built-in demo data's held-out set (paddlemix.data.demo) opens as a 16-class ImageFolder eval."""
+    from paddlemix.data.demo import class_names, make_demo_dataset
+
+    paths = make_demo_dataset(tmp_path / "demo", num_train=16, num_eval_per_class=2, image_size=32)
+    evalset = load_classification_eval(paths.eval_root, image_transform(32, is_train=False, output="numpy"))
+    assert evalset.classnames == class_names() and len(evalset.classnames) == 16
+    assert evalset.dataset.classes == [c.replace(" ", "_") for c in class_names()]
+    assert evalset.templates == read_lines_of(paths.eval_root / "templates.txt")
+    assert len(evalset.dataset) == 32 and evalset.dataset.targets == [i // 2 for i in range(32)]
+    x, y = evalset.dataset[5]
+    assert x.shape == (3, 32, 32) and int(y) == 2
+
+
+def read_lines_of(path):
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line]

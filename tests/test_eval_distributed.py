@@ -8,11 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import paddle
 import pytest
 
 from paddlemix.eval.runner import main as eval_main
-from paddlemix.factory import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -23,17 +21,13 @@ _spec.loader.exec_module(synthetic)
 
 @pytest.mark.slow
 def test_two_process_launch_matches_single_process(tmp_path):
-    cfg = json.loads((FIXTURES / "parity" / "openai_quickgelu" / "model_config.json").read_text())
-    cfg["text_cfg"]["vocab_size"] = 49408
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    paddle.seed(99)
-    create_model(tmp_path / "config.json").save_pretrained(str(tmp_path / "model"))
+    _, model_dir = synthetic.tiny_clip(tmp_path, seed=99)
     evalset = tmp_path / "evalset"
     synthetic.write_image_folder(evalset, [("red", "circle"), ("blue", "square"), ("green", "triangle"),
                                            ("red", "square"), ("blue", "circle")], per_class=3)
     karpathy = synthetic.write_retrieval_json(tmp_path / "coco", n_images=7)
     sts_file = synthetic.write_sts_tsv(tmp_path / "sts.tsv", header=False)
-    common = ["--model", str(tmp_path / "model"), "--classification_eval", str(evalset), "--retrieval_eval",
+    common = ["--model", str(model_dir), "--classification_eval", str(evalset), "--retrieval_eval",
               str(karpathy), "--sts_eval", str(sts_file), "--per_device_eval_batch_size", "4",
               "--dataloader_num_workers", "0", "--disable_tqdm"]
 

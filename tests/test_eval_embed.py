@@ -1,6 +1,5 @@
 """``python -m paddlemix.embed`` writes exactly what ``encode_image`` / ``encode_text`` return."""
 import importlib.util
-import json
 import runpy
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ from paddlemix.data.tokenizer import SimpleTokenizer
 from paddlemix.data.transforms import image_transform
 from paddlemix.embed import main as embed_main
 from paddlemix.eval.datasets import load_image
-from paddlemix.factory import create_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 _spec = importlib.util.spec_from_file_location("eval_synthetic", FIXTURES / "eval" / "synthetic.py")
@@ -25,14 +23,7 @@ TEXTS = ["a red circle", "a photo of a blue square on a dark background", "green
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = json.loads((FIXTURES / "parity" / "openai_quickgelu" / "model_config.json").read_text())
-    cfg["text_cfg"]["vocab_size"] = 49408
-    (root / "config.json").write_text(json.dumps(cfg))
-    paddle.seed(7)
-    model = create_model(root / "config.json")
-    model.save_pretrained(str(root / "model"))
-    return model, root / "model"
+    return synthetic.tiny_clip(tmp_path_factory.mktemp("tiny"), seed=7)
 
 
 @pytest.fixture(scope="module")

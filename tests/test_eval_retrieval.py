@@ -9,14 +9,12 @@ import paddle
 import pytest
 import scipy.stats
 
-import paddlemix.eval.common as common
 import paddlemix.eval.retrieval as retrieval
 import paddlemix.eval.sts as sts
 from paddlemix.data.tokenizer import SimpleTokenizer
 from paddlemix.data.transforms import image_transform
 from paddlemix.eval.datasets import RetrievalDataset, read_sts_tsv
 from paddlemix.eval.runner import main as eval_main
-from paddlemix.factory import create_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 _spec = importlib.util.spec_from_file_location("eval_synthetic", FIXTURES / "eval" / "synthetic.py")
@@ -30,14 +28,8 @@ def _unit(x):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = json.loads((FIXTURES / "parity" / "openai_quickgelu" / "model_config.json").read_text())
-    cfg["text_cfg"]["vocab_size"] = 49408
-    (root / "config.json").write_text(json.dumps(cfg))
-    paddle.seed(4321)
-    model = create_model(root / "config.json")
-    model.save_pretrained(str(root / "model"))
-    return model, root / "model", SimpleTokenizer(context_length=model.context_length)
+    model, model_dir = synthetic.tiny_clip(tmp_path_factory.mktemp("tiny"), seed=4321)
+    return model, model_dir, SimpleTokenizer(context_length=model.context_length)
 
 
 @pytest.fixture(scope="module")

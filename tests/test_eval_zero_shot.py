@@ -107,15 +107,7 @@ def test_template_ensemble_matches_reference_features(reference):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Random tiny CLIP with the 49408-token vocabulary, saved as a model directory for the CLI."""
-    root = tmp_path_factory.mktemp("tiny")
-    cfg = json.loads((REF / "model_config.json").read_text())
-    cfg["text_cfg"]["vocab_size"] = 49408
-    (root / "config.json").write_text(json.dumps(cfg))
-    paddle.seed(1234)
-    model = create_model(root / "config.json")
-    model.save_pretrained(str(root / "model"))
-    return model, root / "model"
+    return synthetic.tiny_clip(tmp_path_factory.mktemp("tiny"), seed=1234)
 
 
 @pytest.fixture(scope="module")

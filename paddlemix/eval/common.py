@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import paddle
@@ -22,6 +25,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PRECISIONS",
     "all_gather",
+    "atomic_write",
     "autocast",
     "encode_images",
     "encode_texts",
@@ -38,6 +42,23 @@ __all__ = [
 PRECISIONS = ("fp32", "fp16", "bf16")
 _AMP_DTYPE = {"fp16": "float16", "bf16": "bfloat16"}
 _warned_cpu_amp = False
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[IO[bytes]], None]) -> Path:
+    """Write via a temporary file in the same folder and rename, so readers (and other ranks or
+    runs sharing a cache) never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def world_info(distributed: Optional[bool] = None) -> Tuple[int, int]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
+
+from .common import atomic_write
 
 __all__ = ["format_table", "make_record", "write_results"]
 
@@ -29,20 +30,8 @@ def _json_safe(value: Any) -> Any:
 
 def write_results(records: Sequence[Dict[str, Any]], output_dir: Union[str, os.PathLike], filename: str = "results.json") -> Path:
     """Write the records as one JSON list, atomically (a crash never leaves half a file)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / filename
-    fd, tmp = tempfile.mkstemp(prefix=filename, suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(list(records)), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    text = json.dumps(_json_safe(list(records)), indent=2, allow_nan=False) + "\n"
+    return atomic_write(Path(output_dir) / filename, lambda f: f.write(text.encode("utf-8")))
 
 
 def _flatten(metrics: Dict[str, Any], prefix: str = "") -> List[tuple]:

@@ -13,18 +13,25 @@ cache entry can never be served for different weights or prompts.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import paddle
 
-from .common import encode_images, encode_texts, gather_rows, shard_indices, tokenize_numpy, unwrap_model, world_info
+from .common import (
+    atomic_write,
+    encode_images,
+    encode_texts,
+    gather_rows,
+    shard_indices,
+    tokenize_numpy,
+    unwrap_model,
+    world_info,
+)
 from .datasets import format_template, validate_templates
 from .metrics import summarize_classification, topk_correct
 
@@ -93,19 +100,6 @@ def _load_cached(path: Path, num_classes: int) -> Optional[np.ndarray]:
     return w
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def build_zero_shot_classifier(
     model,
     tokenizer,
@@ -149,7 +143,7 @@ def build_zero_shot_classifier(
     weights = gather_rows({"w": emb.astype(np.float32)}, mine, len(classnames), world)["w"].T
     weights = np.ascontiguousarray(weights, dtype=np.float32)
     if cache_file is not None and rank == 0:
-        _save_atomic(cache_file, weights)
+        atomic_write(cache_file, lambda f: np.save(f, weights))
         logger.info("saved zero-shot classifier to %s", cache_file)
     return paddle.to_tensor(weights)
 

@@ -8,6 +8,7 @@ import json
 import mmap
 import os
 import pickle
+import resource
 import struct
 import tarfile
 import time
@@ -259,6 +260,17 @@ def test_memo_index_bomb_is_cheap(tmp_path):
         with pytest.raises(CheckpointError, match="expected a dict of tensors"):
             load_state_dict(path)
         assert time.perf_counter() - start < 5.0
+
+
+def test_forged_bytearray_length_does_not_allocate_it(tmp_path):
+    # BYTEARRAY8 declaring 8 GiB with no data behind it: the stock pure-Python handler
+    # zero-fills 8 GiB before noticing the data is missing.
+    path = tmp_path / "bytearray.pdparams"
+    path.write_bytes(b"\x80\x05\x96" + struct.pack("<Q", 8 << 30) + b".")
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_state_dict(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 512 * 1024  # KiB
 
 
 def test_forged_numpy_dtype_state_cannot_change_the_type(tmp_path):

@@ -66,6 +66,7 @@ _DDP_PREFIX = "module."
 # corrupt length field cannot make us allocate gigabytes.
 _MAX_SAFETENSORS_HEADER = 100_000_000
 _MAX_INDEX_BYTES = 64 * 1024 * 1024
+_MAX_COMPRESSED_RECORD = 256 * 1024 * 1024
 
 _SAFETENSORS_DTYPES: Dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -361,6 +362,18 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 - the pure-Python
     Built on the pure-Python unpickler: its memo is a dict, while the C unpickler sizes an
     array by the largest memo index, so a 10-byte pickle with index 2**28 costs it 4 GB.
     """
+
+    def _load_bytearray8(self) -> None:
+        # The stock handler allocates (and zero-fills) the declared length before reading, so
+        # a forged length costs that much memory; read first, then check the length.
+        (length,) = struct.unpack("<Q", self.read(8))
+        data = self.read(length)
+        if len(data) != length:
+            raise _error(self._path, "pickle data was truncated")
+        self.append(bytearray(data))
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # noqa: SLF001
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
 
     def __init__(
         self,
@@ -673,8 +686,15 @@ def _zip_record(path: PathLike, zf: zipfile.ZipFile, mm: mmap.mmap, name: str) -
     if info.flag_bits & 0x1:
         raise _error(path, f"record {name!r} is encrypted")
     if info.compress_type != zipfile.ZIP_STORED:
-        # Not what torch writes, but a re-zipped archive may have it; zipfile bounds the
-        # output by the declared size and checks the CRC.
+        # Not what torch writes, but a re-zipped archive may have it. zipfile stops at the
+        # declared size and checks the CRC; the cap keeps a zip bomb from filling memory.
+        if info.file_size > _MAX_COMPRESSED_RECORD:
+            raise _error(
+                path,
+                f"record {name!r} is compressed and {info.file_size} bytes; torch writes records uncompressed, "
+                f"compressed ones are accepted only up to {_MAX_COMPRESSED_RECORD} bytes. Re-save the checkpoint "
+                "with torch.save or as safetensors.",
+            )
         return np.frombuffer(zf.read(name), dtype=np.uint8)
     offset = info.header_offset
     local_header = mm[offset:offset + 30]

@@ -1,0 +1,99 @@
+"""``python -m paddlemix.convert``: turn a released checkpoint into a paddlemix model directory.
+
+    python -m paddlemix.convert --src open_clip_pytorch_model.bin --model ViT-B-32 --out vit-b-32 --dtype fp16
+
+``--src`` is a weights file or directory in open_clip, EVA-CLIP, CLIPA, HF transformers,
+PaddleMIX or paddlemix layout (read without torch and without running pickled code).
+``--model`` names the architecture: a zoo name (which also gives the preprocessing), an
+architecture from ``paddlemix.list_models()``, or a config JSON (open_clip, open_clip_config.json,
+PaddleMIX, HF); it may be left out when ``--src`` is a directory with its config.
+
+The output (``config.json`` with ``preprocess_cfg``, ``model.safetensors``, ``manifest.json``
+with sha256 of each file) is verified before it is moved into place: the source is built in
+Paddle from the original checkpoint and both run on the same inputs; when torch and open_clip
+happen to be importable, an open_clip-layout source is also run by open_clip itself. A report
+is printed as JSON; the exit status is non-zero when conversion or verification fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .zoo.checkpoint import CheckpointError
+from .zoo.convert import ConversionError
+from .zoo.export import DTYPES, read_manifest, source_check, write_model_dir
+from .zoo.loading import WeightLoadError
+from .zoo.pretrained import model_config
+
+logger = logging.getLogger("paddlemix.convert")
+
+LAYOUTS = ("auto", "open_clip", "eva", "hf", "paddlemix", "paddlemix_legacy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m paddlemix.convert",
+        description="Convert an open_clip / EVA-CLIP / CLIPA / HF / PaddleMIX checkpoint into a paddlemix model "
+        "directory (config.json + model.safetensors + manifest.json) and verify it.",
+    )
+    parser.add_argument("--src", required=True, help="checkpoint file or directory")
+    parser.add_argument("--model", help="zoo name, architecture name, or config JSON; default: the config in --src")
+    parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="weight precision stored (default fp16)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="key layout of --src (default: detect)")
+    parser.add_argument("--mean", type=float, nargs=3, help="override the normalisation mean stored in preprocess_cfg")
+    parser.add_argument("--std", type=float, nargs=3, help="override the normalisation std")
+    parser.add_argument("--interpolation", choices=("bicubic", "bilinear", "nearest"), help="override the resize filter")
+    parser.add_argument("--resize-mode", choices=("shortest", "longest", "squash"), help="override the resize mode")
+    parser.add_argument("--torch", choices=("auto", "off", "require"), default="auto", dest="use_torch",
+                        help="also compare with open_clip in torch: when importable (auto), never, or fail without it")
+    parser.add_argument("--no-verify", action="store_true", help="skip running the source and the copy")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def _model_cfg(args: argparse.Namespace) -> Dict[str, Any]:
+    target = args.model if args.model is not None else args.src
+    if args.model is None and not Path(args.src).is_dir():
+        raise SystemExit("--model is required when --src is a file (a zoo name, an architecture, or a config JSON)")
+    cfg = model_config(target)
+    preprocess = dict(cfg.get("preprocess_cfg") or {})
+    overrides = {"mean": args.mean, "std": args.std, "interpolation": args.interpolation,
+                 "resize_mode": args.resize_mode}
+    preprocess.update({k: v for k, v in overrides.items() if v is not None})
+    if not {"mean", "std"} <= set(preprocess):
+        logger.warning("no preprocessing is known for %s; the model will use OpenAI's mean/std, bicubic, "
+                       "shortest-side resize unless you pass --mean/--std/--interpolation/--resize-mode", target)
+    cfg["preprocess_cfg"] = preprocess
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    src, out = Path(args.src), Path(args.out)
+    if not src.exists():
+        raise SystemExit(f"--src {src} does not exist")
+    cfg = _model_cfg(args)
+    layout = None if args.layout == "auto" else args.layout
+    check = None if args.no_verify else source_check(src, cfg, args.dtype, layout, args.use_torch)
+    start = time.perf_counter()
+    try:
+        write_model_dir(src, cfg, out, dtype=args.dtype, layout=layout, overwrite=args.overwrite, check=check,
+                        source={"path": str(src.resolve()), "model": args.model or str(src)})
+    except (CheckpointError, ConversionError, WeightLoadError, FileExistsError, RuntimeError) as e:
+        logger.error("%s; nothing was written to %s", e, out)
+        return 1
+    manifest = read_manifest(out)
+    report = {"out": str(out), "seconds": round(time.perf_counter() - start, 3), **manifest}
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

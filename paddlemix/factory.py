@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Type, Union
 
+from .data.bert_tokenizer import BertTokenizer
 from .data.tokenizer import SimpleTokenizer
 from .data.transforms import (
     OPENAI_DATASET_MEAN,
@@ -23,7 +24,6 @@ from .models.clip_model import CLIP
 from .models.config import CLIPConfig
 from .zoo.convert import hf_config_to_model_cfg
 from .zoo.loading import load_checkpoint
-from .zoo.pretrained import resolve_factory_args
 from .zoo.registry import get_model_config, load_config_file
 
 logger = logging.getLogger(__name__)
@@ -88,8 +88,6 @@ def create_model(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    # Zoo weights ((arch, tag), a zoo name, a PaddleMIX directory) become a local model directory.
-    model_name, pretrained = resolve_factory_args(model_name, pretrained)
     cfg, default_weights = _resolve_model(model_name)
     if force_quick_gelu:
         cfg["quick_gelu"] = True
@@ -176,8 +174,17 @@ def create_model_and_transforms(
     return model, preprocess_train, preprocess_val
 
 
-def get_tokenizer(model_name: Union[str, Path, CLIP, None] = None, context_length: Optional[int] = None) -> SimpleTokenizer:
-    """The tokenizer of a model (OpenAI BPE), bound to the model's context length."""
+def get_tokenizer(
+    model_name: Union[str, Path, CLIP, None] = None,
+    context_length: Optional[int] = None,
+    vocab_file: Optional[Union[str, Path]] = None,
+) -> Union[SimpleTokenizer, BertTokenizer]:
+    """The tokenizer of a model, bound to the model's context length.
+
+    OpenAI BPE for CLIP / EVA-CLIP; BERT WordPiece for configs naming ``hf_tokenizer_name``
+    (CLIPA). The BERT vocabulary is not bundled: it is read from ``vocab_file``, else from the
+    model directory's ``vocab.txt``, else from ``$PADDLEMIX_HOME/vocab/<name>/vocab.txt``.
+    """
     if isinstance(model_name, CLIP):
         text_cfg = model_name.config.text_cfg
     elif model_name is None:
@@ -185,8 +192,6 @@ def get_tokenizer(model_name: Union[str, Path, CLIP, None] = None, context_lengt
     else:
         text_cfg = _resolve_model(model_name)[0].get("text_cfg", {})
     if text_cfg.get("hf_tokenizer_name"):
-        raise NotImplementedError(
-            f"model {model_name!r} uses the HF tokenizer {text_cfg['hf_tokenizer_name']!r}, "
-            "which is not bundled; only OpenAI BPE models are supported by get_tokenizer"
-        )
+        model_dir = model_name if isinstance(model_name, (str, Path)) and Path(model_name).is_dir() else None
+        return BertTokenizer.from_text_cfg(text_cfg, context_length, vocab_file=vocab_file, model_dir=model_dir)
     return SimpleTokenizer(context_length=context_length or text_cfg.get("context_length", 77))

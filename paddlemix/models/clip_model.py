@@ -7,8 +7,9 @@ directory (``config.json`` + weights) and plugs the model into PaddleNLP's Train
 """
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Dict, Optional, Set, Tuple, Union
+from typing import Callable, Dict, Optional, Set, Tuple, Union
 
 import paddle
 import paddle.nn as nn
@@ -33,14 +34,27 @@ def _norm_eps(norm_kwargs: Optional[dict], default: float) -> float:
     return float(eps)
 
 
-def _check_act_kwargs(act_kwargs: Optional[dict]) -> None:
-    if act_kwargs:
-        raise ConfigError(f"act_kwargs {act_kwargs!r} are not supported; remove them from the config")
+def _act_layer(act_kwargs: Optional[dict], quick_gelu: bool) -> Callable[[], nn.Layer]:
+    """The activation, with open_clip's ``act_kwargs`` for ``nn.GELU``.
+
+    Only ``approximate`` is accepted: 'tanh' is the GELU big_vision (CLIPA's JAX code) trains
+    with, and weights trained with it need it; 'none' is the exact erf GELU.
+    """
+    kwargs = dict(act_kwargs or {})
+    approximate = kwargs.pop("approximate", "none")
+    if kwargs:
+        raise ConfigError(f"act_kwargs: only 'approximate' is supported, got extra keys {sorted(kwargs)}")
+    if approximate not in ("none", "tanh"):
+        raise ConfigError(f"act_kwargs approximate must be 'none' or 'tanh', got {approximate!r}")
+    if approximate == "tanh":
+        if quick_gelu:
+            raise ConfigError("act_kwargs approximate='tanh' contradicts quick_gelu=True; choose one activation")
+        return functools.partial(nn.GELU, approximate=True)
+    return get_act_layer(quick_gelu)
 
 
 def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False) -> VisionTransformer:
     """Translate a :class:`VisionCfg` (open_clip or EVA-CLIP schema) into tower arguments."""
-    _check_act_kwargs(cfg.act_kwargs)
     if isinstance(cfg.layers, (list, tuple)):
         raise ConfigError(f"vision_cfg.layers={cfg.layers!r} describes a ResNet tower, which is not implemented")
     if cfg.width % cfg.head_width != 0:
@@ -85,7 +99,7 @@ def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False)
         attn_pooler_queries=cfg.attn_pooler_queries,
         attn_pooler_heads=cfg.attn_pooler_heads,
         # EVA's vision tower is always GELU (its reference ignores quick_gelu for vision).
-        act_layer=get_act_layer(quick_gelu and not eva),
+        act_layer=_act_layer(cfg.act_kwargs, quick_gelu and not eva),
         norm_layer=norm_layer,
         patch_bias=eva,
         proj_bias=eva and cfg.qkv_bias,
@@ -101,7 +115,6 @@ def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False)
 
 
 def build_text_tower(embed_dim: int, cfg: TextCfg, quick_gelu: bool = False) -> TextTransformer:
-    _check_act_kwargs(cfg.act_kwargs)
     if cfg.width % cfg.heads != 0:
         raise ConfigError(f"text_cfg.width {cfg.width} is not divisible by heads {cfg.heads}")
     return TextTransformer(
@@ -122,7 +135,7 @@ def build_text_tower(embed_dim: int, cfg: TextCfg, quick_gelu: bool = False) -> 
         pool_type=cfg.pool_type,
         proj_type=cfg.proj_type,
         proj_bias=cfg.proj_bias,
-        act_layer=get_act_layer(quick_gelu),
+        act_layer=_act_layer(cfg.act_kwargs, quick_gelu),
         norm_layer=get_norm_layer(eps=_norm_eps(cfg.norm_kwargs, 1e-5), fused=cfg.fusedLN),
         use_fused_attn=cfg.xattn,
         output_tokens=cfg.output_tokens,

@@ -298,3 +298,24 @@ def test_shards_cover_every_sample_once():
             assert max(map(len, shards)) - min(map(len, shards)) <= 1
     with pytest.raises(RuntimeError, match="exactly once"):
         common.merge_shards([(np.array([0, 1]), np.zeros(2)), (np.array([1]), np.zeros(1))], 3)
+
+
+def test_classification_eval_demo_keyword(tiny, tmp_path, monkeypatch):
+    """``--classification_eval demo`` evaluates the built-in demo data's held-out set (as training does)."""
+    import paddlemix.data.demo as demo
+
+    real = demo.make_demo_dataset
+    calls = []
+
+    def small_demo(root=None, **kwargs):
+        calls.append(root)
+        return real(root, num_train=16, num_eval_per_class=1, image_size=32)
+
+    monkeypatch.setattr(demo, "make_demo_dataset", small_demo)
+    _, model_dir = tiny
+    out = tmp_path / "out"
+    assert eval_main(["--model", str(model_dir), "--classification_eval", "demo", "--data_root", str(tmp_path / "d"),
+                      "--output_dir", str(out), "--dataloader_num_workers", "0", "--disable_tqdm"]) == 0
+    assert calls == [str(tmp_path / "d")]
+    (rec,) = json.loads((out / "results.json").read_text())
+    assert rec["dataset"] == "demo" and rec["metrics"]["num_classes"] == 16 and rec["metrics"]["num_samples"] == 16

@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="registered model name, open_clip config JSON, or model directory")
     p.add_argument("--pretrained", default=None, help="weights file or directory (open_clip, EVA-CLIP, HF or paddlemix layout)")
     p.add_argument("--classification_eval", nargs="+", default=[], metavar="DIR",
-                   help="ImageFolder dir (images/<class>/..., labels.txt, templates.txt) or extracted CIFAR-10/100")
+                   help="ImageFolder dir (images/<class>/..., labels.txt, templates.txt), extracted CIFAR-10/100, "
+                        "or 'demo' for the built-in demo data's held-out set")
+    p.add_argument("--data_root", default=None,
+                   help="with --classification_eval demo: where the demo data is (generated if absent; "
+                        "default: the same cache folder training uses)")
     p.add_argument("--retrieval_eval", nargs="+", default=[], metavar="JSON",
                    help='Karpathy test JSON: [{"image": path, "caption": [...]}, ...]')
     p.add_argument("--retrieval_image_root", default=None, metavar="DIR",
@@ -89,7 +93,14 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
     records = []
     for path in args.classification_eval:
+        is_demo = path == "demo"
+        if is_demo:
+            from ..data.demo import make_demo_dataset
+
+            path = make_demo_dataset(args.data_root).eval_root
         evalset = load_classification_eval(path, preprocess)
+        if is_demo:
+            evalset.name = "demo"
         if cache_dir is not None:
             check_cache_dir(cache_dir, evalset.root)
         logger.info("zero-shot classification on %s: %d images, %d classes, %d templates",

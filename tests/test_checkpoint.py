@@ -234,15 +234,24 @@ def test_pdparams_cannot_smuggle_a_class_through_numpy_reconstruct(tmp_path):
         load_state_dict(weights)
 
 
-def test_torch_pickle_cannot_read_outside_its_storage(tmp_path):
-    # A tensor whose size/stride reach past its 4-element storage must be refused, not read.
-    torch_pickle = (
+def _handmade_tensor_zip(path, geometry, after=b""):
+    """A torch zip whose pickle is {"w": _rebuild_tensor_v2(<4-float storage>, 0, *geometry)},
+    with ``after`` run on the tensor before it is stored; geometry and after are pickle opcodes."""
+    data_pkl = (
         b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n"
-        b"((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
-        b"K\x00K\x03K\x03\x86K\x03K\x01\x86\x89ccollections\nOrderedDict\n)RtRs."
+        b"((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQK\x00"
+        + geometry
+        + b"\x89ccollections\nOrderedDict\n)RtR"
+        + after
+        + b"s."
     )
+    _torch_zip(path, data_pkl, {"0": np.arange(4, dtype="<f4").tobytes()})
+
+
+def test_torch_pickle_cannot_read_outside_its_storage(tmp_path):
+    # size (3, 3), stride (3, 1) reaches element 8 of a 4-element storage: refused, not read.
     weights = tmp_path / "oob.bin"
-    _torch_zip(weights, torch_pickle, {"0": np.arange(4, dtype="<f4").tobytes()})
+    _handmade_tensor_zip(weights, b"K\x03K\x03\x86K\x03K\x01\x86")
     with pytest.raises(CheckpointError, match="does not fit its storage"):
         load_state_dict(weights)
 
@@ -290,15 +299,9 @@ def test_forged_numpy_dtype_state_cannot_change_the_type(tmp_path):
 
 
 def test_torch_pickle_cannot_modify_a_tensor_after_building_it(tmp_path):
-    # _rebuild_tensor_v2(...) followed by BUILD {"shape": ...}: the array is out of reach.
-    torch_pickle = (
-        b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n"
-        b"((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
-        b"K\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR"
-        b"N}X\x05\x00\x00\x00shapeK\x02K\x02\x86s\x86bs."
-    )
+    # A valid 4-element tensor, then BUILD (None, {"shape": (2, 2)}) on it: the array is out of reach.
     weights = tmp_path / "build.bin"
-    _torch_zip(weights, torch_pickle, {"0": np.arange(4, dtype="<f4").tobytes()})
+    _handmade_tensor_zip(weights, b"K\x04\x85K\x01\x85", after=b"N}X\x05\x00\x00\x00shapeK\x02K\x02\x86s\x86b")
     with pytest.raises(CheckpointError, match="modify a tensor"):
         load_state_dict(weights)
 

@@ -8,6 +8,12 @@ a local stand-in, and refuses everything else by name. Tensors come out as numpy
 
 Files are memory-mapped: a tensor stored contiguously is a read-only view of the file and
 is paged in only when copied into a model. Copy with ``np.array(a)`` before writing to it.
+(Paddle ``.pdparams`` pickles hold their bytes inline, so those arrays are copies.)
+
+Refused, with advice: TorchScript archives (OpenAI's original ``ViT-*.pt``), tar-format
+torch files from before 1.0, tensor types numpy lacks (complex, float8, quantized), and
+tensor subclasses. bfloat16 is widened to float32 exactly on load; numpy has no bfloat16,
+so writing one takes uint16 bits (:func:`to_bfloat16_bits`).
 
 Every failure, from a truncated download to a refused global, is a :class:`CheckpointError`
 that names the file and the problem.

@@ -183,8 +183,13 @@ def _group_maps(groups: Sequence[dict]) -> Tuple[List[paddle.Tensor], Dict[str, 
 
 
 class _PerParamHyper:
-    """Looks up a parameter's lr multiplier and weight decay by name at update time."""
+    """Looks up a parameter's lr multiplier and weight decay by name at update time.
 
+    ``_decay_attr`` names the attribute the Paddle base class reads as the decay of the
+    parameter being updated; it is set just before each parameter's update op.
+    """
+
+    _decay_attr: str
     _lr_mult: Dict[str, float]
     _param_wd: Dict[str, float]
 
@@ -202,6 +207,10 @@ class _PerParamHyper:
         lr = self._global_learning_rate()
         return lr if mult == 1.0 else lr * mult
 
+    def _append_optimize_op(self, block, param_and_grad):
+        setattr(self, self._decay_attr, self._hyper(param_and_grad[0])[1])
+        return super()._append_optimize_op(block, param_and_grad)
+
     def effective_lr(self, param: paddle.Tensor) -> float:
         """The learning rate this parameter's next update uses."""
         return self.get_lr() * self._hyper(param)[0]
@@ -213,25 +222,25 @@ class _PerParamHyper:
 class GroupedAdamW(_PerParamHyper, paddle.optimizer.AdamW):
     """AdamW (decoupled decay ``p -= lr * wd * p``) with per-group lr multiplier and decay."""
 
+    _decay_attr = "_weight_decay"
+
     def __init__(self, groups: Sequence[dict], **kwargs):
         params, self._lr_mult, self._param_wd = _group_maps(groups)
         super().__init__(parameters=params, weight_decay=0.0, **kwargs)
 
-    def _append_optimize_op(self, block, param_and_grad):
-        self._weight_decay = self._hyper(param_and_grad[0])[1]
-        return super()._append_optimize_op(block, param_and_grad)
-
 
 class GroupedLamb(_PerParamHyper, paddle.optimizer.Lamb):
-    """LAMB (decay added to the update before the trust ratio) with per-group lr and decay."""
+    """LAMB with per-group lr multiplier and decay.
+
+    The decay is added to the Adam direction before the trust ratio; tensors without
+    decay skip the trust ratio (Paddle's ``always_adapt=False``, as in NVIDIA's LAMB).
+    """
+
+    _decay_attr = "_lamb_weight_decay"
 
     def __init__(self, groups: Sequence[dict], **kwargs):
         params, self._lr_mult, self._param_wd = _group_maps(groups)
         super().__init__(parameters=params, lamb_weight_decay=0.0, **kwargs)
-
-    def _append_optimize_op(self, block, param_and_grad):
-        self._lamb_weight_decay = self._hyper(param_and_grad[0])[1]
-        return super()._append_optimize_op(block, param_and_grad)
 
 
 def build_optimizer(

@@ -238,37 +238,46 @@ def test_loader_workers_give_identical_predictions(tiny, evalset_dir):
 # ------------------------------------------------------------------------ distributed split
 
 
+class _Stop(Exception):
+    pass
+
+
 def run_as_ranks(monkeypatch, modules, fn, world=3):
-    """Run ``fn`` as every rank of a ``world`` in turn, in this process.
+    """Run ``fn(rank)`` as every rank of a ``world``, sequentially in this process.
 
-    Ranks 1.. run until their collective, whose payload is captured; rank 0 then runs with the
-    collective answering all payloads, exactly as ``all_gather_object`` would."""
-    captured = {}
+    Round j replays every rank, answering its first j collectives from earlier rounds and stopping
+    it at collective j to capture its payload; once all ranks have given payload j, the gathered
+    list is known. The functions are deterministic, so the replays follow the same path. Returns
+    rank 0's result and the list of gathered payload lists, one per collective."""
+    answers = []
+    while True:
+        payloads, results = {}, {}
+        for rank in range(world):
+            calls = iter(range(10 ** 6))
 
-    class Stop(Exception):
-        pass
+            def gather(obj, w, r=rank, calls=calls):
+                assert w == world
+                i = next(calls)
+                if i < len(answers):
+                    assert obj == answers[i][r] if isinstance(obj, bool) else True
+                    return answers[i]
+                payloads[r] = obj
+                raise _Stop
 
-    for rank in list(range(1, world)) + [0]:
-        for mod in modules:
-            monkeypatch.setattr(mod, "world_info", lambda distributed=None, r=rank: (r, world))
-
-        def gather(obj, w, r=rank):
-            assert w == world
-            if r:
-                captured[r] = obj
-                raise Stop
-            return [obj] + [captured[i] for i in range(1, world)]
-
-        monkeypatch.setattr(common, "all_gather", gather)
-        for mod in modules:
-            if hasattr(mod, "all_gather"):
-                monkeypatch.setattr(mod, "all_gather", gather)
-        try:
-            result = fn()
-        except Stop:
-            continue
-    monkeypatch.undo()
-    return result, captured
+            monkeypatch.setattr(common, "all_gather", gather)
+            for mod in modules:
+                monkeypatch.setattr(mod, "world_info", lambda distributed=None, r=rank: (r, world))
+                if hasattr(mod, "all_gather"):
+                    monkeypatch.setattr(mod, "all_gather", gather)
+            try:
+                results[rank] = fn(rank)
+            except _Stop:
+                pass
+        monkeypatch.undo()
+        if len(results) == world:
+            return results[0], answers
+        assert not results, "ranks disagree on the number of collectives: a real run would hang"
+        answers.append([payloads[r] for r in range(world)])
 
 
 def test_distributed_split_equals_single_process(tiny, evalset_dir, monkeypatch):
@@ -278,16 +287,40 @@ def test_distributed_split_equals_single_process(tiny, evalset_dir, monkeypatch)
     single_w = zs.build_zero_shot_classifier(model, tok, evalset.classnames, evalset.templates, progress=False)
     single = zs.zero_shot_predictions(model, single_w, evalset.dataset, batch_size=4, progress=False)
 
-    w, parts = run_as_ranks(monkeypatch, [zs], lambda: zs.build_zero_shot_classifier(
+    w, gathers = run_as_ranks(monkeypatch, [zs], lambda rank: zs.build_zero_shot_classifier(
         model, tok, evalset.classnames, evalset.templates, progress=False))
-    assert [p[0].tolist() for _, p in sorted(parts.items())] == [[1, 4], [2, 5]]  # classes split by rank
+    assert len(gathers) == 1
+    assert [p[0].tolist() for p in gathers[0]] == [[0, 3], [1, 4], [2, 5]]  # classes split by rank
     np.testing.assert_allclose(w.numpy(), single_w.numpy(), atol=1e-6)
 
-    pred, parts = run_as_ranks(monkeypatch, [zs], lambda: zs.zero_shot_predictions(
+    pred, gathers = run_as_ranks(monkeypatch, [zs], lambda rank: zs.zero_shot_predictions(
         model, single_w, evalset.dataset, batch_size=4, progress=False))
-    assert [p[0].tolist() for _, p in sorted(parts.items())] == [[1, 4, 7, 10], [2, 5, 8, 11]]
+    assert len(gathers) == 1  # results gathered once
+    assert [p[0].tolist() for p in gathers[0]] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
     for key in single:
         np.testing.assert_array_equal(pred[key], single[key])
+
+
+def test_distributed_ranks_agree_on_the_classifier_cache(tiny, tmp_path, monkeypatch):
+    """A cache only some ranks can see (no shared file system) must not make the others hang."""
+    model, _ = tiny
+    tok = SimpleTokenizer(context_length=16)
+    names = ["red circle", "blue square", "green triangle", "red square"]
+    shared = tmp_path / "shared"
+    single_w = zs.build_zero_shot_classifier(model, tok, names, TEMPLATES, cache_dir=shared, progress=False)
+
+    def build(rank, dirs):
+        return zs.build_zero_shot_classifier(model, tok, names, TEMPLATES, cache_dir=dirs[rank], progress=False)
+
+    w, gathers = run_as_ranks(monkeypatch, [zs], lambda r: build(r, [shared, tmp_path / "n1", tmp_path / "n2"]))
+    assert gathers[0] == [True, False, False] and len(gathers) == 2  # agreement, then everyone encodes
+    np.testing.assert_allclose(w.numpy(), single_w.numpy(), atol=1e-6)
+
+    w, gathers = run_as_ranks(monkeypatch, [zs], lambda r: build(r, [shared] * 3))
+    assert gathers == [[True, True, True]]  # all hit: nobody encodes, no further collective
+    cached = np.load(next(shared.glob("zero_shot_classifier_*.npy")))  # rank 0 rewrote it in the first run
+    np.testing.assert_array_equal(w.numpy(), cached)
+    np.testing.assert_allclose(cached, single_w.numpy(), atol=1e-6)
 
 
 def test_shards_cover_every_sample_once():

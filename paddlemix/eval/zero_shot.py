@@ -23,6 +23,7 @@ import numpy as np
 import paddle
 
 from .common import (
+    all_gather,
     atomic_write,
     encode_images,
     encode_texts,
@@ -121,17 +122,18 @@ def build_zero_shot_classifier(
     templates = validate_templates(templates)
     if not classnames:
         raise ValueError("no class names given")
+    rank, world = world_info(distributed)
     cache_file = None
     if cache_dir is not None:
         key = classifier_cache_key(model, tokenizer, classnames, templates, precision)
         cache_file = Path(cache_dir) / f"zero_shot_classifier_{key}.npy"
-        if cache_file.is_file():
-            cached = _load_cached(cache_file, len(classnames))
-            if cached is not None:
-                logger.info("loaded zero-shot classifier from %s", cache_file)
-                return paddle.to_tensor(cached)
+        cached = _load_cached(cache_file, len(classnames)) if cache_file.is_file() else None
+        # Ranks must agree, or those that miss would wait forever in the gather below (e.g. nodes
+        # without a shared file system, or a file appearing between two ranks' checks).
+        if all(all_gather(cached is not None, world)):
+            logger.info("loaded zero-shot classifier from %s", cache_file)
+            return paddle.to_tensor(cached)
 
-    rank, world = world_info(distributed)
     mine = shard_indices(len(classnames), rank, world)
     n_t = len(templates)
     texts = _prompts([classnames[i] for i in mine], templates)

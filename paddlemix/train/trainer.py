@@ -7,8 +7,10 @@ the logit-scale clamp, LiT locking, and zero-shot evaluation during training.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -165,6 +167,25 @@ class CLIPTrainer(Trainer):
         model = self.model
         return model._layers if hasattr(model, "_layers") else model
 
+    def _load_from_checkpoint(self, resume_from_checkpoint=None):
+        """Resume model weights from the safetensors checkpoints ``CLIP.save_pretrained`` writes.
+
+        PaddleNLP's resume reads only ``model_state.pdparams``; optimizer, scheduler and RNG
+        states still come from the Trainer's own files.
+        """
+        ckpt = resume_from_checkpoint
+        if isinstance(ckpt, bool) and ckpt:
+            from paddlenlp.trainer.trainer_utils import get_last_checkpoint
+
+            ckpt = get_last_checkpoint(self.args.output_dir)
+        if isinstance(ckpt, str) and os.path.isfile(os.path.join(ckpt, "model.safetensors")):
+            from ..zoo.loading import load_checkpoint
+
+            load_checkpoint(self.clip_model, ckpt)
+            logger.info("resumed model weights from %s", ckpt)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint)
+
     def compute_loss(self, model, inputs, return_outputs=False):
         out = model(image=inputs["image"], text=inputs["input_ids"])
         image_features, text_features, scale = out[:3]
@@ -220,6 +241,11 @@ class CLIPTrainer(Trainer):
             skipped = sum(sum(c.counts.values()) for c in self.skip_counters if hasattr(c, "counts"))
             if skipped:
                 logs["skipped_samples"] = skipped
+        if self.is_world_process_zero():
+            # PaddleNLP keeps no log history; a JSON-lines file makes runs comparable afterwards.
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.state.global_step, **logs}, default=float) + "\n")
         super().log(logs, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:

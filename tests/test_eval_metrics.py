@@ -182,3 +182,22 @@ def test_rankdata_and_spearman_with_ties_match_scipy():
     assert np.isnan(spearman([1, 2, 3], [5, 5, 5]))
     with pytest.raises(ValueError, match="NaN"):
         rankdata([1.0, NAN])
+
+
+def test_block_processing_does_not_change_results(monkeypatch):
+    """Large sets are processed in row blocks; tiny blocks (1-3 rows) give identical answers."""
+    import paddlemix.eval.metrics as metrics
+
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((50, 9)).astype(np.float32)
+    logits[::7, 3] = logits[::7, 4]  # some ties
+    labels = rng.integers(0, 9, 50)
+    images = rng.standard_normal((11, 4)).astype(np.float32)
+    t2i = np.repeat(np.arange(11), 2)
+    texts = images[t2i] + rng.standard_normal((22, 4)).astype(np.float32)
+    whole = (topk_correct(logits, labels, ks=(1, 3)), retrieval_metrics(images, texts, t2i))
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 25)
+    blocked = (topk_correct(logits, labels, ks=(1, 3)), retrieval_metrics(images, texts, t2i))
+    for k in (1, 3):
+        np.testing.assert_array_equal(whole[0][k], blocked[0][k])
+    assert whole[1] == blocked[1]

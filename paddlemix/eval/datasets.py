@@ -371,7 +371,7 @@ class RetrievalDataset(paddle.io.Dataset):
             text_to_image += [i] * len(captions)
         self.text_to_image = np.asarray(text_to_image, dtype=np.int64)
         self.transform = transform
-        missing = [p for p in self.images[:1000] if not (self.image_root / p).is_file()]
+        missing = [p for p in self.images if not (self.image_root / p).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} image(s) of {self.annotation_file} not found under {self.image_root}, e.g. "

@@ -45,11 +45,13 @@ __all__ = [
 
 RETRIEVAL_KS: Tuple[int, ...] = (1, 5, 10)
 
-# Rows processed at once; bounds the boolean temporaries to ~chunk x candidates.
-_CHUNK = 2048
+# Elements of a [rows, candidates] block processed at once (~64 MB of float32), so a COCO-sized
+# image -> 25k captions comparison never materialises the full boolean matrices.
+_BLOCK_ELEMENTS = 1 << 24
 
 
-def _chunks(n: int, size: int = _CHUNK) -> Iterator[slice]:
+def _chunks(n: int, width: int) -> Iterator[slice]:
+    size = max(1, _BLOCK_ELEMENTS // max(width, 1))
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
 
@@ -85,7 +87,7 @@ def topk_correct(logits, labels, ks: Sequence[int] = (1, 5)) -> Dict[int, np.nda
     n = logits.shape[0]
     out = {k: np.zeros(n, dtype=bool) for k in ks}
     nan_rows = 0
-    for sl in _chunks(n):
+    for sl in _chunks(n, logits.shape[1]):
         block = logits[sl]
         target = block[np.arange(block.shape[0]), labels[sl]]
         # Self always satisfies >= (NaN rows are excluded below), so subtract it.
@@ -166,7 +168,7 @@ def recall_at_k(scores, positives, ks: Sequence[int] = RETRIEVAL_KS) -> Dict[int
         raise ValueError(f"{int((n_pos == 0).sum())} queries have no positive in the gallery; recall is undefined for them")
     out = {k: np.zeros(scores.shape[0], dtype=bool) for k in ks}
     nan_rows = 0
-    for sl in _chunks(scores.shape[0]):
+    for sl in _chunks(scores.shape[0], scores.shape[1]):
         out_block = _found_block(scores[sl], positives[sl], ks)
         for k in ks:
             out[k][sl] = out_block[k]
@@ -211,12 +213,12 @@ def retrieval_metrics(
     image_ids = np.arange(img.shape[0])
 
     text_found = {k: [] for k in ks}
-    for sl in _chunks(txt.shape[0]):
+    for sl in _chunks(txt.shape[0], img.shape[0]):
         pos = t2i[sl, None] == image_ids[None, :]
         for k, found in recall_at_k(txt[sl] @ img.T, pos, ks).items():
             text_found[k].append(found)
     image_found = {k: [] for k in ks}
-    for sl in _chunks(img.shape[0]):
+    for sl in _chunks(img.shape[0], txt.shape[0]):
         pos = image_ids[sl, None] == t2i[None, :]
         for k, found in recall_at_k(img[sl] @ txt.T, pos, ks).items():
             image_found[k].append(found)

@@ -4,8 +4,8 @@ Why these layers exist: fleet's ``TensorParallel`` wrapper asserts a GPU and its
 ``ColumnParallelLinear`` runs the ``c_identity`` op, which has no CPU kernel, so a model
 built on them cannot be checked on a CPU machine. The layers here use only
 ``paddle.distributed.all_reduce`` / ``all_gather`` (gloo on CPU, NCCL on GPU) inside
-``PyLayer`` autograd functions, so the model that is verified on CPU is the model that
-trains on GPU.
+``PyLayer`` autograd functions, so one implementation serves both devices and the
+tensor-parallel model itself is verified on CPU.
 
 How a tower is split over a group of N ranks (this rank holds part r of each):
 
@@ -46,7 +46,8 @@ dicts, so a checkpoint trained at one degree loads at any other.
 
 With PaddleNLP's Trainer, ``--tensor_parallel_degree N`` makes ``TrainingArguments``
 initialise fleet's hybrid topology (GPU only for tensor parallelism). The model is then
-converted once, after loading and before the Trainer wraps it::
+converted once, after loading and before the Trainer wraps it or an optimizer is built
+(the split layers hold new parameter objects)::
 
     hcg = fleet.get_hybrid_communicate_group()
     tensor_parallelize(model, hcg.get_model_parallel_group(),
@@ -414,6 +415,8 @@ def merge_state_dicts(
     Replicated entries must agree across ranks within ``replica_atol`` (absolute); a
     larger difference means the ranks diverged (unequal seeds or data inside a
     tensor-parallel group) and is an error rather than a silent pick of rank 0.
+    bfloat16 tensors arrive from ``.numpy()`` as uint16 bit patterns, so for them any
+    difference counts as divergence.
     """
     if not shards:
         raise ValueError("merge_state_dicts needs at least one shard")

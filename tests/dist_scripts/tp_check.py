@@ -8,7 +8,8 @@ copy converted with ``tensor_parallelize`` over an explicit group, then records 
 - ``{ref,tp}.eval.{image,text}``: eval-mode features;
 - ``{ref,tp}.train.{image,text,loss}`` and ``{ref,tp}.grad.<param>``: a train-mode step
   with drop path and patch dropout on (same seed on every rank), the contrastive loss and
-  the gradients of every parameter (degree 2 merged over the group);
+  the gradients of every parameter (degree 2 merged over the group; EVA02's degree-2
+  model recomputes its blocks in backward);
 - ``{ref,tp}.step.eval.*``: features after one SGD step on each model;
 - ``merged.eval.*``: the degree-2 weights merged, saved with ``save_pretrained`` by rank 0
   and loaded by ``CLIP.from_pretrained`` at degree 1;
@@ -34,6 +35,8 @@ from paddlemix.train.tensor_parallel import gather_full_state_dict, tensor_paral
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "parity"
 CASES = {"clip": "openai_quickgelu", "eva02": "eva02_rope_swiglu"}
+# The degree-2 EVA02 model recomputes its blocks in backward, as ``--recompute`` runs it.
+RECOMPUTE = {"clip": False, "eva02": True}
 BATCH = 4
 DROP_PATH = 0.2
 PATCH_DROPOUT = 0.25
@@ -102,6 +105,7 @@ def run_case(case: str, out: Path, group, rank: int, world_size: int) -> Dict[st
     cfg_path = model_config(case, out, f"rank{rank}")
     ref = build(cfg_path, case)
     tp = tensor_parallelize(build(cfg_path, case), group, rank, world_size)
+    tp.set_grad_checkpointing(RECOMPUTE[case])
     images, texts = inputs(ref)
     local_qkv = tp.visual.transformer.blocks[0].attn.qkv.weight
     result: Dict[str, np.ndarray] = {"tp.local_qkv_shape": np.array(local_qkv.shape)}

@@ -85,6 +85,7 @@ def test_two_processes_train_on_disjoint_samples(demo_root, tmp_path, extra):
     seen = [set(map(int, (rec / f"rank{r}.txt").read_text().split())) for r in range(2)]
     assert seen[0] and seen[1]
     assert not seen[0] & seen[1], "ranks loaded the same samples"
-    assert len(seen[0]) == len(seen[1]) == 12 * 16
+    # each rank consumed its 12 batches (the loader may prefetch a few more)
+    assert min(len(seen[0]), len(seen[1])) >= 12 * 16
     losses = _losses(out)
     assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)), losses

@@ -66,30 +66,30 @@ def _worker(shapes: List[List[int]], repeats: int, warmup: int) -> Dict:
         for t in (x, r, w, b):
             t.stop_gradient = False
 
-        def paddle_ln():
+        def run_paddle_ln():
             y = F.layer_norm(x, [cols], w, b, 1e-5)
             return paddle.grad([y], [x, w, b], [dy])
 
-        def fused_ln():
-            y = fused_norm._run_op(x, None, w, b, 1e-5, False)[0]
+        def run_fused_ln():
+            y = fused_norm.fused_ln(x, None, w, b, 1e-5, False)[0]
             return paddle.grad([y], [x, w, b], [dy])
 
-        def paddle_add_ln():
+        def run_paddle_add_ln():
             s = x + r
             y = F.layer_norm(s, [cols], w, b, 1e-5)
             return paddle.grad([y, s], [x, r, w, b], [dy, ds])
 
-        def fused_add_ln():
-            y, s, _, _ = fused_norm._run_op(x, r, w, b, 1e-5, False)
+        def run_fused_add_ln():
+            y, s, _, _ = fused_norm.fused_ln(x, r, w, b, 1e-5, False)
             return paddle.grad([y, s], [x, r, w, b], [dy, ds])
 
         forward_only = {
             "paddle_ln": lambda: F.layer_norm(x, [cols], w, b, 1e-5),
-            "fused_ln": lambda: fused_norm._run_op(x, None, w, b, 1e-5, False),
+            "fused_ln": lambda: fused_norm.fused_ln(x, None, w, b, 1e-5, False),
             "paddle_add_ln": lambda: F.layer_norm(x + r, [cols], w, b, 1e-5),
-            "fused_add_ln": lambda: fused_norm._run_op(x, r, w, b, 1e-5, False),
+            "fused_add_ln": lambda: fused_norm.fused_ln(x, r, w, b, 1e-5, False),
         }
-        fwd_bwd = dict(zip(CASES, (paddle_ln, fused_ln, paddle_add_ln, fused_add_ln)))
+        fwd_bwd = dict(zip(CASES, (run_paddle_ln, run_fused_ln, run_paddle_add_ln, run_fused_add_ln)))
         times: Dict[str, List[float]] = {f"{c}/{p}": [] for c in CASES for p in ("fwd", "fwd_bwd")}
         for i in range(warmup + repeats):
             for case in CASES:

@@ -76,12 +76,12 @@ def test_layer_norm_forward_backward_match_paddle(op_ready, cols, with_residual)
     x, r, w, b = _case(rng, 33, cols)
     dy, ds = _tensor(rng, [33, cols]), _tensor(rng, [33, cols])
     if with_residual:
-        y, s, mean, rstd = fused_norm._run_op(x, r, w, b, 1e-5, False)
+        y, s, mean, rstd = fused_norm.fused_ln(x, r, w, b, 1e-5, False)
         s_ref = x + r
         inputs, upstream = [x, r, w, b], [dy, ds]
         _assert_close(s, s_ref, rtol=0, atol=0)
     else:
-        y, s, mean, rstd = fused_norm._run_op(x, None, w, b, 1e-5, False)
+        y, s, mean, rstd = fused_norm.fused_ln(x, None, w, b, 1e-5, False)
         s_ref = x
         inputs, upstream = [x, w, b], [dy, None]
         assert s.shape == [0]
@@ -101,7 +101,7 @@ def test_layer_norm_constant_and_zero_rows(op_ready):
     x = paddle.to_tensor(rows.astype("float32"), stop_gradient=False)
     w, b = _tensor(rng, [cols], 0.5, 1.0), _tensor(rng, [cols], 0.5)
     dy = _tensor(rng, [4, cols])
-    y = fused_norm._run_op(x, None, w, b, 1e-5, False)[0]
+    y = fused_norm.fused_ln(x, None, w, b, 1e-5, False)[0]
     y_ref = F.layer_norm(x, [cols], w, b, 1e-5)
     np.testing.assert_array_equal(y[:3].numpy(), np.broadcast_to(b.numpy(), (3, cols)))
     _assert_close(y, y_ref)
@@ -139,7 +139,7 @@ def test_backward_with_gradient_on_one_output_only(op_ready):
     rng = np.random.default_rng(5)
     x, r, w, b = _case(rng, 9, 64)
     dy, ds = _tensor(rng, [9, 64]), _tensor(rng, [9, 64])
-    y, s, _, _ = fused_norm._run_op(x, r, w, b, 1e-5, False)
+    y, s, _, _ = fused_norm.fused_ln(x, r, w, b, 1e-5, False)
     s_ref = x + r
     y_ref = F.layer_norm(s_ref, [64], w, b, 1e-5)
     for got, want in zip(paddle.grad([s], [x, r], [ds], retain_graph=True), [ds, ds]):
@@ -158,7 +158,7 @@ def test_portable_kernels_match_avx2_kernels(op_ready):
     results = []
     for portable in (False, True):
         for rms in (False, True):
-            y, s, mean, rstd = fused_norm._run_op(x, r, w, b, 1e-5, rms, portable)
+            y, s, mean, rstd = fused_norm.fused_ln(x, r, w, b, 1e-5, rms, portable)
             results.append([y, mean, rstd] + list(paddle.grad([y, s], [x, r, w, b], [dy, ds])))
     for fast, slow in zip(results[:2], results[2:]):
         for a, e in zip(fast, slow):
@@ -179,7 +179,7 @@ def test_finite_difference_gradients(op_ready):
 
     def loss(vals, rms):
         t = {k: paddle.to_tensor(v.astype("float32"), stop_gradient=False) for k, v in vals.items()}
-        y, s, _, _ = fused_norm._run_op(t["x"], t["r"], t["w"], None if rms else t["b"], 1e-5, rms)
+        y, s, _, _ = fused_norm.fused_ln(t["x"], t["r"], t["w"], None if rms else t["b"], 1e-5, rms)
         value = (y * paddle.to_tensor(cy, dtype="float32")).sum() + (s * paddle.to_tensor(cs, dtype="float32")).sum()
         return value, t
 
@@ -237,9 +237,9 @@ def test_functional_fused_add_layer_norm(op_ready):
 def test_op_rejects_bad_arguments_by_name(op_ready):
     x = paddle.randn([4, 8])
     with pytest.raises(Exception, match="weight must have 8 elements"):
-        fused_norm._run_op(x, None, paddle.ones([7]), None, 1e-5, False)
+        fused_norm.fused_ln(x, None, paddle.ones([7]), None, 1e-5, False)
     with pytest.raises(Exception, match="residual must have the shape of x"):
-        fused_norm._run_op(x, paddle.randn([4, 7]), None, None, 1e-5, False)
+        fused_norm.fused_ln(x, paddle.randn([4, 7]), None, None, 1e-5, False)
 
 
 def test_fallback_warns_once_and_matches_exactly(op_unavailable, caplog):
@@ -266,6 +266,8 @@ def test_require_op_raises_with_reason(op_unavailable):
     x = paddle.randn([2, 16])
     with pytest.raises(FusedNormUnavailableError):
         fused_add_layer_norm(x, x, None, None, require_op=True)
+    with pytest.raises(FusedNormUnavailableError, match="disabled by test"):
+        fused_norm.fused_ln(x)
 
 
 def test_get_norm_layer_selects_fused_layers(op_ready):

@@ -50,6 +50,7 @@ __all__ = [
     "FusedNormUnavailableError",
     "fused_add_layer_norm",
     "fused_add_rms_norm",
+    "fused_ln",
     "fused_norm_layer",
     "fused_op_status",
 ]
@@ -208,11 +209,30 @@ def _run_op(
     rms_norm: bool,
     portable: bool = False,
 ) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor, paddle.Tensor]:
-    """y, residual_out, mean, rstd. ``portable`` forces the non-AVX2 CPU kernels (tests)."""
     outs = paddle._C_ops._run_custom_op(
         _OP_NAME, x, residual, weight, bias, float(epsilon), bool(rms_norm), bool(portable)
     )
     return tuple(outs)
+
+
+def fused_ln(
+    x: paddle.Tensor,
+    residual: Optional[paddle.Tensor] = None,
+    weight: Optional[paddle.Tensor] = None,
+    bias: Optional[paddle.Tensor] = None,
+    epsilon: float = 1e-5,
+    rms_norm: bool = False,
+    portable: bool = False,
+) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """The raw operator: ``(y, residual_out, mean, rstd)``, no fallback.
+
+    residual_out is ``x + residual`` (an empty ``[0]`` tensor without a
+    residual); mean and rstd are the float32 row statistics. ``portable`` forces
+    the non-AVX2 CPU kernels, for comparing the two. Raises
+    FusedNormUnavailableError when the operator cannot be loaded.
+    """
+    _require_or_warn(require_op=True)
+    return _run_op(x, residual, weight, bias, epsilon, rms_norm, portable)
 
 
 def _reference_layer_norm(x, weight, bias, epsilon: float) -> paddle.Tensor:

@@ -18,6 +18,7 @@ from paddlenlp.transformers import PretrainedModel
 
 from .config import CLIPConfig, ConfigError, TextCfg, VisionCfg
 from .layers import get_act_layer, get_norm_layer
+from .mixer import build_mixer_text_tower, build_mixer_vision_tower
 from .rope import RotaryEmbedding2D
 from .transformer import TextTransformer, VisionTransformer, to_2tuple
 
@@ -53,8 +54,11 @@ def _act_layer(act_kwargs: Optional[dict], quick_gelu: bool) -> Callable[[], nn.
     return get_act_layer(quick_gelu)
 
 
-def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False) -> VisionTransformer:
+def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False) -> nn.Layer:
     """Translate a :class:`VisionCfg` (open_clip or EVA-CLIP schema) into tower arguments."""
+    if cfg.block_type != "attention":
+        norm = get_norm_layer(eps=_norm_eps(cfg.norm_kwargs, 1e-5), fused=cfg.fusedLN)
+        return build_mixer_vision_tower(embed_dim, cfg, _act_layer(cfg.act_kwargs, quick_gelu), norm)
     if isinstance(cfg.layers, (list, tuple)):
         raise ConfigError(f"vision_cfg.layers={cfg.layers!r} describes a ResNet tower, which is not implemented")
     if cfg.width % cfg.head_width != 0:
@@ -114,7 +118,10 @@ def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False)
     )
 
 
-def build_text_tower(embed_dim: int, cfg: TextCfg, quick_gelu: bool = False) -> TextTransformer:
+def build_text_tower(embed_dim: int, cfg: TextCfg, quick_gelu: bool = False) -> nn.Layer:
+    if cfg.block_type != "attention":
+        norm = get_norm_layer(eps=_norm_eps(cfg.norm_kwargs, 1e-5), fused=cfg.fusedLN)
+        return build_mixer_text_tower(embed_dim, cfg, _act_layer(cfg.act_kwargs, quick_gelu), norm)
     if cfg.width % cfg.heads != 0:
         raise ConfigError(f"text_cfg.width {cfg.width} is not divisible by heads {cfg.heads}")
     return TextTransformer(
@@ -234,13 +241,16 @@ class CLIP(PretrainedModel):
         image_features = self.encode_image(image, normalize=True) if image is not None else None
         text_features = self.encode_text(text, normalize=True) if text is not None else None
         scale = self.logit_scale.exp()
+        # A fresh tensor, not the parameter itself: paddle.DataParallel's gradient reducer
+        # fails ("has been ready before") when a parameter is returned from forward as is.
+        bias = self.logit_bias * 1.0 if self.logit_bias is not None else None
         if self.output_dict:
             out = {"image_features": image_features, "text_features": text_features, "logit_scale": scale}
-            if self.logit_bias is not None:
-                out["logit_bias"] = self.logit_bias
+            if bias is not None:
+                out["logit_bias"] = bias
             return out
-        if self.logit_bias is not None:
-            return image_features, text_features, scale, self.logit_bias
+        if bias is not None:
+            return image_features, text_features, scale, bias
         return image_features, text_features, scale
 
     def lock_image_tower(self, unlocked_groups: int = 0) -> None:

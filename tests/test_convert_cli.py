@@ -23,6 +23,7 @@ from test_zoo import (
     paddlemix_config,
     rounded_reference,
     save_pdparams,
+    tiny_entries,  # noqa: F401 - a fixture: registers the tiny zoo entries
     to_paddlemix_legacy,
 )
 
@@ -182,3 +183,11 @@ def test_module_entry_point_end_to_end(tmp_path):
     assert report["dtype"] == "fp16" and report["verification"]["passed"] is True
     assert report["source"]["path"] == str((CLIP_CASE / "pytorch_model.bin").resolve())
     assert_reference(CLIP.from_pretrained(str(out)), CLIP_CASE, atol=5e-3)
+
+
+def test_a_zoo_name_as_model_gives_architecture_and_preprocessing(tiny_entries, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "zoo"
+    assert run("--src", CLIP_CASE / "model.safetensors", "--model", "tiny-CLIP-laion", "--out", out) == 0
+    assert json.loads(capsys.readouterr().out)["verification"]["passed"] is True
+    assert json.loads((out / "config.json").read_text())["preprocess_cfg"] == {
+        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic", "resize_mode": "shortest"}

@@ -18,6 +18,7 @@ import pytest
 from zoo_server import ZooServer
 
 import paddlemix
+from paddlemix import clip
 from paddlemix.models import CLIP, CLIPConfig
 from paddlemix.zoo import pretrained as zoo
 from paddlemix.zoo.checkpoint import load_state_dict, safetensors_metadata
@@ -568,3 +569,16 @@ def test_concurrent_first_use_downloads_and_converts_once(server, home):
     assert [len(server.gets(f"{TINY['paddlemix']}/{n}")) for n in zoo.PADDLEMIX_FILES] == [1, 1]
     assert manifest_problem(results[0], full=True) is None
     assert sorted(p.name for p in (home / "converted").iterdir()) == ["tiny-CLIP-laion", "tiny-CLIP-laion.lock"]
+
+
+def test_clip_load_resolves_openai_names_through_the_registry(home, monkeypatch, tmp_path):
+    """clip.load('ViT-B/32') asks the zoo for (ViT-B-32-quickgelu, openai) under its download_root."""
+    monkeypatch.setenv("PADDLEMIX_OFFLINE", "1")
+    with pytest.raises(DownloadError) as info:
+        clip.load("ViT-B/32", download_root=str(tmp_path / "root"))
+    message = str(info.value)
+    assert "could not get the weights of 'CLIP-ViT-B-32-openai'" in message
+    cached = tmp_path / "root" / "models" / "timm" / "vit_base_patch32_clip_224.openai" / "resolve" / "main"
+    assert str(cached / "open_clip_pytorch_model.bin") in message
+    # An architecture name alone builds the architecture; it never downloads (EVA names are both).
+    assert zoo.resolve_factory_args("EVA02-CLIP-L-14", None) == ("EVA02-CLIP-L-14", None)

@@ -171,7 +171,7 @@ def write_model_dir(
     """Convert the weights at ``src`` into a complete paddlemix model directory at ``out_dir``.
 
     ``model_cfg`` is an open_clip-schema config; its ``preprocess_cfg`` (mean/std,
-    interpolation, resize mode, size) is stored in ``config.json`` so the directory alone
+    interpolation, resize mode) is stored in ``config.json`` so the directory alone
     reproduces the model's transforms. ``source`` is recorded in the manifest. ``check`` is
     called on the finished directory before it is moved into place; if it raises, nothing is
     left behind, and what it returns is recorded in the manifest as ``verification``.
@@ -186,8 +186,9 @@ def write_model_dir(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from its other users
         CLIPConfig.from_model_cfg(model_cfg).save_pretrained(str(tmp))
-        save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "paddle", "dtype": dtype},
+        save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "np", "dtype": dtype},
                          bfloat16=bf16_names)
         del tensors
         verification = dict(check(tmp)) if check is not None else None

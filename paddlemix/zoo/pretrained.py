@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import json
 import logging
 import os
@@ -25,10 +26,11 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import paddle
 
+from ..models.config import CLIPConfig
 from ..models.transformer import TextTransformer, VisionTransformer
 from .checkpoint import iter_checkpoint_shards
-from .convert import ConversionError, convert_state_dict, detect_layout
-from .download import (
+from .convert import ConversionError, convert_state_dict, detect_layout, hf_config_to_model_cfg
+from .download import (  # _exclusive_lock: the download layer's flock, reused so conversion follows the same rules
     DownloadError,
     _exclusive_lock,
     cache_dir as default_cache_root,
@@ -41,8 +43,6 @@ from .download import (
 from .export import CONFIG_NAME, MANIFEST_NAME, manifest_problem, write_model_dir
 from .legacy import is_legacy_config, legacy_config_to_model_cfg
 from .loading import WeightLoadError, load_state_dict_into
-from ..models.config import CLIPConfig
-from .convert import hf_config_to_model_cfg
 from .registry import CONFIG_DIR, UnknownModelError, get_model_config, load_config_file
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class PretrainedRegistry:
             tags = self.tags(name_or_arch)
             hint = f"registered tags for {name_or_arch!r}: {tags}" if tags else f"{name_or_arch!r} has no pretrained tags"
             quick = self.tags(name_or_arch + "-quickgelu")
-            if tag in quick:
+            if tag.lower().replace("-", "_") in quick:
                 hint += f"; {tag!r} exists for {name_or_arch + '-quickgelu'!r} (these weights were trained with QuickGELU)"
             raise UnknownPretrainedError(
                 f"no pretrained weights ({name_or_arch!r}, {tag!r}): {hint}. paddlemix.list_pretrained() lists all pairs."
@@ -433,8 +433,6 @@ def download_pretrained(arch: str, tag: str, cache_dir: Optional[str] = None) ->
 
 def _legacy_dir_target(path: Path) -> Path:
     """Where a local PaddleMIX directory is converted to: keyed by its absolute path."""
-    import hashlib
-
     key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
     return default_cache_root() / "converted" / "local" / f"{path.name}-{key}"
 

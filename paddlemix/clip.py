@@ -6,6 +6,7 @@ Code written for ``import clip`` (OpenAI CLIP, the Mixer-CLIP seed) runs with
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -18,6 +19,8 @@ from .models.clip_model import CLIP
 
 __all__ = ["available_models", "load", "tokenize", "CLIPWithLogits"]
 
+logger = logging.getLogger(__name__)
+
 # OpenAI's names -> registered architectures (OpenAI trained with QuickGELU).
 _OPENAI_NAMES = {
     "ViT-B/32": "ViT-B-32-quickgelu",
@@ -25,6 +28,9 @@ _OPENAI_NAMES = {
     "ViT-L/14": "ViT-L-14-quickgelu",
     "ViT-L/14@336px": "ViT-L-14-336-quickgelu",
 }
+# MLP-Mixer CLIPs (models/mixer.py), spelt like OpenAI's names. No weights are published for
+# them: ``load`` builds a random initialisation unless ``pretrained`` is given.
+_MIXER_NAMES = {f"Mixer-{size}/{patch}": f"Mixer-{size}-{patch}" for size in "SBL" for patch in (32, 16)}
 
 
 class CLIPWithLogits(CLIP):
@@ -35,7 +41,7 @@ class CLIPWithLogits(CLIP):
 
 
 def available_models() -> List[str]:
-    return list(_OPENAI_NAMES)
+    return list(_OPENAI_NAMES) + list(_MIXER_NAMES)
 
 
 def load(
@@ -57,11 +63,14 @@ def load(
         raise ValueError("jit=True loads TorchScript archives, which do not exist for Paddle; use jit=False")
     if device is not None:
         paddle.set_device(device)
-    arch = _OPENAI_NAMES.get(str(name), name)
+    arch = _OPENAI_NAMES.get(str(name)) or _MIXER_NAMES.get(str(name), name)
     if pretrained is None and str(name) in _OPENAI_NAMES:
         from .zoo import pretrained as zoo
 
         pretrained = zoo.download_pretrained(arch, "openai", cache_dir=download_root)
+    elif pretrained is None and str(name) in _MIXER_NAMES:
+        logger.warning("no pretrained weights exist for %s: returning a randomly initialised model "
+                       "(pass pretrained=path to load trained weights)", name)
     model = create_model(arch, pretrained, model_class=CLIPWithLogits)
     pp = get_model_preprocess_cfg(model)
     preprocess = image_transform(

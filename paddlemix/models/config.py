@@ -108,6 +108,9 @@ class VisionCfg(_TowerCfg):
     global_average_pool: bool = False
     xattn: bool = True
     fusedLN: bool = False
+    # MLP-Mixer tower (models/mixer.py): 'attention' builds the ViT, 'mixer' token-mixing MLPs.
+    block_type: str = "attention"
+    token_mlp_ratio: float = 0.5  # token-mixing hidden width as a fraction of `width`
 
 
 @dataclass
@@ -138,6 +141,9 @@ class TextCfg(_TowerCfg):
     # EVA-CLIP text switches.
     xattn: bool = True
     fusedLN: bool = False
+    # MLP-Mixer tower; causal unless no_causal_mask, so argmax (EOT) pooling stays valid.
+    block_type: str = "attention"
+    token_mlp_ratio: float = 0.5
 
 
 class CLIPConfig(PretrainedConfig):

@@ -24,6 +24,7 @@ from .models.clip_model import CLIP
 from .models.config import CLIPConfig
 from .zoo.convert import hf_config_to_model_cfg
 from .zoo.loading import load_checkpoint
+from .zoo.pretrained import resolve_factory_args
 from .zoo.registry import get_model_config, load_config_file
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ def create_model(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    # Zoo weights ((arch, tag), a zoo name, a PaddleMIX directory) become a local model directory.
+    model_name, pretrained = resolve_factory_args(model_name, pretrained)
     cfg, default_weights = _resolve_model(model_name)
     if force_quick_gelu:
         cfg["quick_gelu"] = True

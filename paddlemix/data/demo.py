@@ -4,7 +4,8 @@ The point is a dataset on which a tiny CLIP learns real zero-shot classification
 laptop CPU, so the README's first command proves the whole pipeline (data, model, loss, schedule,
 zero-shot evaluation) end to end without fetching anything. The task is therefore chosen to be easy
 but not trivial: the class is the (colour, shape) pair, so neither colour alone nor shape alone
-suffices, and position, size, rotation, background and caption wording vary as nuisances.
+suffices, and size, small offsets from the centre, rotation, background, colour tint and caption
+wording vary as nuisances.
 
 Layout under ``root``::
 
@@ -56,7 +57,7 @@ _logger = logging.getLogger(__name__)
 
 MARKER = "DEMO_COMPLETE.json"
 # Bump when the pictures or captions change, so existing caches are regenerated.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -77,14 +78,16 @@ BACKGROUNDS: Dict[str, Tuple[int, int, int]] = {
 TRAIN_TEMPLATES: Tuple[str, ...] = (
     "a {colour} {shape}",
     "a photo of a {colour} {shape}.",
-    "a {colour} {shape} {hpos}",
+    "a {colour} {shape} in the middle",
     "a {size}{colour} {shape}",
     "a {colour} {shape} on a {background} background",
-    "a picture of a {colour} {shape} {vpos}",
+    "a picture of a {size}{colour} {shape}",
     "there is a {colour} {shape} in this image",
     "a drawing of a {colour} {shape}.",
     "{colour} {shape}",
 )
+# Largest offset of the shape's centre from the picture's centre, as a fraction of the side.
+MAX_OFFSET = 0.05
 EVAL_TEMPLATES: Tuple[str, ...] = (
     "a photo of a {}.",
     "a {}.",
@@ -193,41 +196,34 @@ class _Scene:
     shape: str
     background: str
     image: Image.Image
-    hpos: str
-    vpos: str
     size: str
 
 
 def _scene(rng: np.random.Generator, colour: str, shape: str, image_size: int) -> _Scene:
     """Random nuisances (position, size, rotation, background, colour jitter) for one class."""
-    radius = float(rng.uniform(0.22, 0.36)) * image_size
-    margin = radius * 1.2 + 1.0  # stars and triangles reach 1.2-1.25 radius
-    cx = float(rng.uniform(margin, image_size - margin))
-    cy = float(rng.uniform(margin, image_size - margin))
-    angle = float(rng.uniform(-20.0, 20.0))
+    radius = float(rng.uniform(0.26, 0.36)) * image_size
+    # Offsets stay small: a tiny ViT trained for a few hundred steps has not learned translation
+    # invariance yet, and measured zero-shot accuracy after 150 steps fell from 81% (offsets of 4% of
+    # the side) to 61% (8%) and 48% (anywhere in the picture).
+    margin = radius * 1.25 + 1.0  # stars and triangles reach 1.2-1.25 radius
+    half = image_size / 2.0
+    reach = max(0.0, min(MAX_OFFSET * image_size, half - margin))
+    cx = half + float(rng.uniform(-reach, reach))
+    cy = half + float(rng.uniform(-reach, reach))
+    angle = float(rng.uniform(-10.0, 10.0))
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
     jitter = rng.integers(-20, 21, size=3)
     rgb = np.clip(np.asarray(COLOURS[colour]) + jitter, 0, 255)
     bg = np.clip(np.asarray(BACKGROUNDS[background]) + rng.integers(-12, 13, size=3), 0, 255)
     image = draw_shape(shape, tuple(rgb), tuple(bg), (cx, cy), radius, angle, image_size)
 
-    third = image_size / 3.0
-    hpos = "on the left" if cx < third else ("on the right" if cx > 2 * third else "in the middle")
-    vpos = "at the top" if cy < third else ("at the bottom" if cy > 2 * third else "in the center")
-    size = "small " if radius < 0.26 * image_size else ("big " if radius > 0.32 * image_size else "")
-    return _Scene(colour, shape, background, image, hpos, vpos, size)
+    size = "small " if radius < 0.29 * image_size else ("big " if radius > 0.33 * image_size else "")
+    return _Scene(colour, shape, background, image, size)
 
 
 def _caption(rng: np.random.Generator, scene: _Scene) -> str:
     template = TRAIN_TEMPLATES[int(rng.integers(len(TRAIN_TEMPLATES)))]
-    return template.format(
-        colour=scene.colour,
-        shape=scene.shape,
-        hpos=scene.hpos,
-        vpos=scene.vpos,
-        size=scene.size,
-        background=scene.background,
-    )
+    return template.format(colour=scene.colour, shape=scene.shape, size=scene.size, background=scene.background)
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:

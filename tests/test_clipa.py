@@ -396,3 +396,136 @@ def test_position_embedding_resized_for_higher_resolution_fine_tuning(tmp_path):
     with paddle.no_grad():
         out = model.encode_image(paddle.randn([1, 3, 48, 48]))
     assert list(out.shape) == [1, 32]
+
+
+# ---------------------------------------------------------------------------------------------- token reduction
+from paddlemix.data.token_reduction import (  # noqa: E402
+    HeuristicPosTagger,
+    ImageResolutionReducer,
+    TextTokenReducer,
+    resize_images,
+    syntax_keep_words,
+)
+from paddlemix.data.tokenizer import SimpleTokenizer  # noqa: E402
+
+_PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "area": Image.BOX}
+
+
+@pytest.mark.parametrize("mode", sorted(_PIL_FILTERS))
+def test_image_resolution_reduction_equals_pil_resampling(mode):
+    rng = np.random.default_rng(0)
+    batch = rng.random((2, 3, 56, 40)).astype(np.float32)
+    for size in [(28, 20), (21, 15), (16, 16), (70, 50)]:  # 2x, non-integer, anisotropic, upsampling
+        got = resize_images(batch, size, mode)
+        ref = np.stack([[np.asarray(Image.fromarray(ch, mode="F").resize(size[::-1], _PIL_FILTERS[mode]))
+                         for ch in img] for img in batch])
+        assert got.shape == (2, 3) + size and got.dtype == np.float32
+        assert np.abs(got - ref).max() < 1e-6, (mode, size)
+        # the Paddle path (on device, differentiable) computes the same
+        np.testing.assert_allclose(resize_images(paddle.to_tensor(batch), size, mode).numpy(), got, atol=1e-6)
+
+
+def test_area_reduction_averages_pixel_blocks():
+    x = np.arange(2 * 3 * 224 * 224, dtype=np.float32).reshape(2, 3, 224, 224) % 251
+    reducer = ImageResolutionReducer(112, mode="area")
+    expected = x.reshape(2, 3, 112, 2, 112, 2).mean(axis=(3, 5))
+    np.testing.assert_allclose(reducer(x), expected, rtol=1e-5, atol=1e-4)
+    assert ImageResolutionReducer(84)(paddle.to_tensor(x)).shape == [2, 3, 84, 84]
+    with pytest.raises(ValueError, match="nearest"):
+        ImageResolutionReducer(64, mode="nearest")
+
+
+def test_random_patch_masking_keeps_half_the_patches_in_training(tmp_path):
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(_tiny_bigvision_cfg()))
+    model = create_model(cfg_path, force_patch_dropout=0.5)
+    image = paddle.randn([3, 3, 32, 32])
+    model.train()
+    tokens, keep = model.visual.embed(image)
+    assert list(tokens.shape) == [3, 1 + 8, 64] and list(keep.shape) == [3, 8]  # class token + 8 of 16
+    assert all(len(set(row)) == 8 for row in keep.numpy().tolist())
+    model.eval()
+    tokens, keep = model.visual.embed(image)
+    assert list(tokens.shape) == [3, 17, 64] and keep is None
+
+
+CAPTIONS = [
+    "a photo of a big brown dog running on the green grass",
+    "a red car",
+    "two men ride horses under a tall tree near the old house",
+]
+
+
+def _bpe():
+    return SimpleTokenizer(context_length=77)
+
+
+@pytest.mark.parametrize("length", [8, 16, 32])
+def test_truncation_equals_the_tokenizer(length):
+    bpe = _bpe()
+    np.testing.assert_array_equal(TextTokenReducer(bpe, length).batch_encode(CAPTIONS),
+                                  bpe.batch_encode(CAPTIONS, context_length=length))
+    for kwargs in ({}, {"strip_sep_token": True}, {"add_sep_token": False}):
+        bert = BertTokenizer(VOCAB, context_length=32, **kwargs)
+        np.testing.assert_array_equal(TextTokenReducer(bert, length).batch_encode(CAPTIONS),
+                                      bert.batch_encode(CAPTIONS, context_length=length))
+
+
+def test_random_and_block_masking_keep_framed_subsequences():
+    bpe = _bpe()
+    full = bpe.encode(CAPTIONS[2])  # 13 tokens
+    sot, eot = bpe.sot_token_id, bpe.eot_token_id
+    for strategy in ("random", "block"):
+        reducer = TextTokenReducer(bpe, 8, strategy=strategy, seed=0)
+        seen = set()
+        for _ in range(200):
+            row = reducer.batch_encode(CAPTIONS[2])[0].tolist()
+            assert row[0] == sot and row[7] == eot
+            kept = row[1:7]
+            # a subsequence of the caption's tokens, in order (positions strictly increase)
+            pos, positions = -1, []
+            for tok in kept:
+                pos = full.index(tok, pos + 1)
+                positions.append(pos)
+            if strategy == "block":
+                assert positions == list(range(positions[0], positions[0] + 6))
+            seen.update(positions)
+        assert seen == set(range(len(full)))  # every token gets its chance
+        # short captions are kept whole, and a fixed seed gives a fixed stream
+        assert reducer.batch_encode("a red car")[0].tolist() == bpe.batch_encode("a red car", 8)[0].tolist()
+        a = TextTokenReducer(bpe, 8, strategy=strategy, seed=3).batch_encode(CAPTIONS * 4)
+        b = TextTokenReducer(bpe, 8, strategy=strategy, seed=3).batch_encode(CAPTIONS * 4)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_heuristic_pos_tags():
+    words = "a photo of a big brown dog running on the green grass".split()
+    assert [t for _, t in HeuristicPosTagger()(words)] == [
+        "DT", "NN", "IN", "DT", "JJ", "JJ", "NN", "VBG", "IN", "DT", "JJ", "NN"]
+    words = "two men ride horses to eat fresh apples slowly".split()
+    assert [t for _, t in HeuristicPosTagger()(words)] == [  # irregular plurals stay NN: same rank
+        "CD", "NN", "VB", "NNS", "TO", "VB", "JJ", "NNS", "RB"]
+
+
+def test_syntax_masking_keeps_nouns_then_adjectives_then_verbs():
+    text = CAPTIONS[0]
+    assert syntax_keep_words(text, 6) == "photo big brown dog green grass"
+    assert syntax_keep_words(text, 4) == "photo big dog grass"
+    # then the verb, then the rest, earliest first
+    assert syntax_keep_words(text, 8) == "a photo big brown dog running green grass"
+    assert syntax_keep_words("a red car", 6) == "a red car"
+    bpe = _bpe()
+    got = TextTokenReducer(bpe, 8, strategy="syntax").batch_encode(text)
+    np.testing.assert_array_equal(got, bpe.batch_encode("photo big brown dog green grass", 8))
+    bert = BertTokenizer(VOCAB, context_length=32, strip_sep_token=True)
+    got = TextTokenReducer(bert, 6, strategy="syntax").batch_encode(text)[0].tolist()
+    assert got == [CLS, 117, 127, 118, 137, PAD]  # [CLS] photo big dog grass, [SEP] -> [PAD]
+    # any tagger returning Penn tags plugs in (e.g. nltk.pos_tag where its data is installed)
+    def verbs_first(words):
+        return [(w, "NN" if w == "running" else "DT") for w in words]
+
+    assert syntax_keep_words(text, 1, verbs_first) == "running"
+    with pytest.raises(ValueError, match="tags for"):
+        syntax_keep_words(text, 2, lambda words: ["NN"])
+    with pytest.raises(ValueError, match="strategy"):
+        TextTokenReducer(bpe, 8, strategy="shuffle")

@@ -1,6 +1,7 @@
 """The pretraining job behind ``examples/clip/run_pretrain_dist.py``: one path for every family."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,10 +22,22 @@ __all__ = ["parse_args", "run", "zero_shot_eval_fn"]
 
 def parse_args(argv: Optional[Sequence[str]] = None):
     """Flags, or a single JSON recipe file (``configs/train/*.json``) as PdArgumentParser reads it."""
-    parser = PdArgumentParser((ModelArguments, DataArguments, PreTrainingArguments))
+    classes = (ModelArguments, DataArguments, PreTrainingArguments)
+    parser = PdArgumentParser(classes)
     argv = list(argv) if argv is not None else None
     if argv is not None and len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        recipe = os.path.abspath(argv[0])
+        with open(recipe, encoding="utf-8") as f:
+            keys = set(json.load(f))
+        known = {f.name for cls in classes for f in dataclasses.fields(cls)}
+        unknown = sorted(keys - known)
+        if unknown:
+            import difflib
+
+            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            hint = ", ".join(f"{k!r} (did you mean {v[0]!r}?)" if v else repr(k) for k, v in hints.items())
+            raise ValueError(f"training recipe {recipe} has unknown keys: {hint}")
+        return parser.parse_json_file(json_file=recipe)
     return parser.parse_args_into_dataclasses(args=argv)
 
 

@@ -20,6 +20,7 @@ import paddle
 import paddle.distributed as dist
 from paddlenlp.trainer import Trainer, TrainerCallback, TrainingArguments
 
+from .checkpointing import staged_checkpoint
 from .loss import ClipLoss, SigLipLoss
 from .optim import build_optimizer, cosine_with_warmup
 
@@ -40,6 +41,11 @@ class ModelArguments:
     lock_image_unlocked_groups: int = field(default=0, metadata={"help": "last image groups left trainable"})
     lock_text: bool = field(default=False, metadata={"help": "freeze the text tower"})
     lock_text_unlocked_layers: int = field(default=0, metadata={"help": "last text blocks left trainable"})
+    pretrained_text_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "accepted for PaddleMIX command lines; the zero-shot classifier is always built "
+                          "from the text tower being trained"},
+    )
 
 
 @dataclass
@@ -185,6 +191,32 @@ class CLIPTrainer(Trainer):
             logger.info("resumed model weights from %s", ckpt)
             return
         super()._load_from_checkpoint(resume_from_checkpoint)
+
+    def _save_checkpoint(self, model, metrics=None):
+        """PaddleNLP's checkpoint, written into a staging folder and renamed into place when complete.
+
+        A crash or a full disk mid-save must not leave a ``checkpoint-N`` that resumes with
+        missing optimizer state (see :mod:`paddlemix.train.checkpointing`). The Trainer derives
+        every path from ``args.output_dir``, so that is pointed at the staging root meanwhile.
+        """
+        run_dir, signal_dir = self.args.output_dir, self.args.output_signal_dir
+        name = f"checkpoint-{self.state.global_step}"
+        barrier = dist.barrier if self.args.world_size > 1 else (lambda: None)
+        with staged_checkpoint(run_dir, name, publisher=self.args.local_rank <= 0, barrier=barrier) as root:
+            self.args.output_dir = root
+            if signal_dir == run_dir:  # the default; the Trainer also rotates checkpoints there
+                self.args.output_signal_dir = root
+            try:
+                super()._save_checkpoint(model, metrics=metrics)
+            finally:
+                self.args.output_dir, self.args.output_signal_dir = run_dir, signal_dir
+            staged = os.path.join(root, name)
+            if self.state.best_model_checkpoint == staged:
+                self.state.best_model_checkpoint = os.path.join(run_dir, name)
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        if self.args.local_rank <= 0:  # the new checkpoint now counts towards save_total_limit
+            self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False):
         out = model(image=inputs["image"], text=inputs["input_ids"])

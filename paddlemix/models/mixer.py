@@ -29,7 +29,7 @@ from paddle.distributed.fleet.utils import recompute
 
 from .config import ConfigError, TextCfg, VisionCfg
 from .layers import DropPath, LayerNorm, Mlp
-from .transformer import _gather_rows, to_2tuple
+from .transformer import TextTransformer, VisionTransformer, to_2tuple
 
 __all__ = [
     "TokenMixingMlp",
@@ -231,8 +231,7 @@ class MixerVisionTower(nn.Layer):
             width, output_dim, weight_attr=_normal(width**-0.5), bias_attr=None if proj_bias else False
         )
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.grad_checkpointing = enable
+    set_grad_checkpointing = VisionTransformer.set_grad_checkpointing
 
     def lock(self, unlocked_groups: int = 0) -> None:
         """Freeze for LiT; groups first to last: stem, each block but the last, last block + norm, head."""
@@ -312,19 +311,10 @@ class MixerTextTower(nn.Layer):
                 width, output_dim, weight_attr=_normal(width**-0.5), bias_attr=None if proj_bias else False
             )
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.grad_checkpointing = enable
-
-    def lock(self, unlocked_layers: int = 0) -> None:
-        """Freeze the tower, leaving the last ``unlocked_layers`` blocks (and the head) trainable."""
-        for p in self.parameters():
-            p.stop_gradient = True
-        if unlocked_layers <= 0:
-            return
-        trainable: List = list(self.transformer.blocks)[-unlocked_layers:] + [self.ln_final]
-        if self.text_projection is not None:
-            trainable.append(self.text_projection)
-        _unfreeze(trainable)
+    # Same attribute names as the text transformer, so its freezing, checkpointing and pooling apply.
+    set_grad_checkpointing = TextTransformer.set_grad_checkpointing
+    lock = TextTransformer.lock
+    _pool = TextTransformer._pool
 
     def forward(self, text: paddle.Tensor):
         B, L = text.shape
@@ -343,17 +333,6 @@ class MixerTextTower(nn.Layer):
         if self.output_tokens:
             return pooled, x[:, :L]
         return pooled
-
-    def _pool(self, x: paddle.Tensor, text: paddle.Tensor) -> paddle.Tensor:
-        if self.pool_type == "first":
-            return x[:, 0]
-        if self.pool_type == "last":
-            return x[:, -1]
-        if self.pool_type == "argmax":
-            return _gather_rows(x, text.argmax(axis=-1))
-        if self.pool_type == "eos":
-            return _gather_rows(x, (text == self.eos_id).astype("int32").argmax(axis=-1))
-        return x
 
 
 def _check_mixer_cfg(cfg: Union[VisionCfg, TextCfg], unsupported: dict) -> None:

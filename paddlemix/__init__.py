@@ -10,6 +10,7 @@ from .data.tokenizer import SimpleTokenizer, tokenize
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, image_transform
 from .factory import create_model, create_model_and_transforms, get_model_preprocess_cfg, get_tokenizer
 from .models import CLIP, CLIPConfig
+from .zoo.pretrained import list_pretrained
 from .zoo.registry import list_models
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "get_tokenizer",
     "image_transform",
     "list_models",
+    "list_pretrained",
     "tokenize",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

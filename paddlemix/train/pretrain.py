@@ -41,6 +41,18 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+class _ReducingTokenizer:
+    """The ``batch_encode(texts, context_length)`` interface the data sources call, reducing tokens."""
+
+    def __init__(self, reducer):
+        self.reducer = reducer
+
+    def batch_encode(self, texts, context_length=None):
+        if context_length is not None and context_length != self.reducer.length:
+            raise ValueError(f"text reduction produces {self.reducer.length} tokens, not {context_length}")
+        return self.reducer.batch_encode(texts)
+
+
 def _eval_dir(classification_eval: str, data_root: Optional[str]) -> Path:
     if classification_eval == "demo":
         from ..data.demo import make_demo_dataset
@@ -86,8 +98,27 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Pre
         model.lock_text_tower(model_args.lock_text_unlocked_layers)
     if training_args.recompute:
         model.set_grad_checkpointing(True)
+    if training_args.tensor_parallel_degree > 1:
+        # Split the loaded degree-1 model before the Trainer wraps it or builds the optimizer
+        # (the parallel layers hold new parameters). The Trainer's hybrid setup is GPU-only.
+        from paddle.distributed import fleet
+
+        from .tensor_parallel import tensor_parallelize
+
+        hcg = fleet.get_hybrid_communicate_group()
+        tensor_parallelize(model, hcg.get_model_parallel_group(), hcg.get_model_parallel_rank(),
+                           hcg.get_model_parallel_world_size())
 
     tokenizer = get_tokenizer(model)
+    data_tokenizer = tokenizer
+    if data_args.text_reduction:
+        # CLIPA: captions reduced to the model's (short) context; image-side reduction is
+        # --force_image_size (the train transform then produces that size) and --force_patch_dropout.
+        from ..data.token_reduction import TextTokenReducer
+
+        data_tokenizer = _ReducingTokenizer(
+            TextTokenReducer(tokenizer, model.context_length, data_args.text_reduction, seed=training_args.seed)
+        )
     pp = get_model_preprocess_cfg(model)
     train_transform = image_transform(pp["size"], is_train=True, mean=pp["mean"], std=pp["std"],
                                       interpolation=pp["interpolation"], output="numpy")
@@ -95,7 +126,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Pre
     train_dataset = build_train_dataset(
         data_args.task_name,
         train_transform,
-        tokenizer,
+        data_tokenizer,
         data_root=data_args.data_root,
         image_root=data_args.image_root,
         context_length=model.context_length,

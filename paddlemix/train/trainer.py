@@ -62,6 +62,10 @@ class DataArguments:
     classification_eval: Optional[str] = field(
         default=None, metadata={"help": "zero-shot eval set: ImageFolder dir, CIFAR dir, or 'demo'"}
     )
+    text_reduction: Optional[str] = field(
+        default=None,
+        metadata={"help": "CLIPA text token reduction to --context_length tokens: truncate|random|block|syntax"},
+    )
     max_skip_fraction: float = field(default=0.1, metadata={"help": "stop when more samples than this are bad"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "streaming shuffle buffer per reader"})
 
@@ -172,6 +176,25 @@ class CLIPTrainer(Trainer):
     def clip_model(self):
         model = self.model
         return model._layers if hasattr(model, "_layers") else model
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None, merge_tensor_parallel=False):
+        """Tensor-parallel runs save one merged checkpoint, loadable at any degree."""
+        if self.args.tensor_parallel_degree <= 1:
+            return super()._save(output_dir, state_dict=state_dict, merge_tensor_parallel=merge_tensor_parallel)
+        from paddle.distributed import fleet
+
+        from ..zoo.checkpoint import save_safetensors
+        from .tensor_parallel import gather_full_state_dict
+
+        hcg = fleet.get_hybrid_communicate_group()
+        model = self.clip_model
+        full = gather_full_state_dict(model.state_dict(), model.config, hcg.get_model_parallel_group(),
+                                      hcg.get_model_parallel_world_size())
+        if hcg.get_model_parallel_rank() == 0 and self.args.dataset_rank == 0:
+            output_dir = output_dir or self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            model.config.save_pretrained(output_dir)
+            save_safetensors({k: np.asarray(v) for k, v in full.items()}, os.path.join(output_dir, "model.safetensors"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint=None):
         """Resume model weights from the safetensors checkpoints ``CLIP.save_pretrained`` writes.

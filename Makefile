@@ -10,7 +10,7 @@ $(STAMP): constraints.txt pyproject.toml
 
 .PHONY: install test
 install: $(STAMP)
-	$(VENV)/bin/python examples/clip/run_demo.py
+	$(VENV)/bin/python examples/clip/run_pretrain_dist.py configs/train/demo.json
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -47,11 +47,27 @@ def _check_type(cls_name: str, name: str, value: Any, default: Any) -> None:
         )
 
 
+def _unknown_keys(where: str, unknown, valid) -> ConfigError:
+    """The error for misspelt keys, suggesting the closest valid key for each."""
+    import difflib
+
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=1)
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    return ConfigError(
+        f"{where}: unknown keys {', '.join(hints)}; valid keys are {sorted(valid)}. "
+        "Fix the spelling or remove them from the config."
+    )
+
+
 class _TowerCfg:
     """Strict construction from a dict shared by both tower configs."""
 
     @classmethod
     def from_dict(cls, d: Optional[Dict[str, Any]]):
+        if d is not None and not isinstance(d, dict):
+            raise ConfigError(f"{cls.__name__} must be a JSON object of tower settings, got {type(d).__name__}: {d!r}")
         d = dict(d or {})
         names = {f.name: f for f in dataclasses.fields(cls)}
         for key, why in _UNSUPPORTED.items():
@@ -60,10 +76,7 @@ class _TowerCfg:
             d.pop(key, None)
         unknown = sorted(set(d) - set(names))
         if unknown:
-            raise ConfigError(
-                f"{cls.__name__}: unknown keys {unknown}; valid keys are {sorted(names)}. "
-                "Fix the spelling or remove them from the config."
-            )
+            raise _unknown_keys(cls.__name__, unknown, names)
         for k, v in d.items():
             f = names[k]
             default = f.default if f.default is not dataclasses.MISSING else None
@@ -197,9 +210,14 @@ class CLIPConfig(PretrainedConfig):
         ignored = {"cast_dtype", "multimodal_cfg", "nonscalar_logit_scale"}
         unknown = sorted(set(cfg) - known - ignored)
         if unknown:
-            raise ConfigError(f"model config: unknown top-level keys {unknown}; valid keys are {sorted(known)}")
+            raise _unknown_keys("model config (top level)", unknown, known)
         if "embed_dim" not in cfg:
             raise ConfigError("model config: 'embed_dim' is required (the shared embedding width)")
+        for key, example in (("embed_dim", 512), ("quick_gelu", False), ("init_logit_scale", 0.0),
+                             ("init_logit_bias", 0.0), ("custom_text", False)):
+            _check_type("model config", key, cfg.get(key), example)
+        if cfg.get("preprocess_cfg") is not None and not isinstance(cfg["preprocess_cfg"], dict):
+            raise ConfigError(f"model config.preprocess_cfg must be a JSON object, got {cfg['preprocess_cfg']!r}")
         args = {k: v for k, v in cfg.items() if k in known}
         args.update(kwargs)
         return cls(**args)

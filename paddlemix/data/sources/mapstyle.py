@@ -133,6 +133,15 @@ class CaptionListDataset(paddle.io.Dataset):
         )
 
 
+def _add_entry(entries: List[Tuple[str, str]], image: str, caption: Any, where: str, parse_skips: SkipCounter) -> None:
+    try:
+        entries.append((image, clean_caption(caption)))
+    except SampleError as e:
+        parse_skips.skip(e.reason, f"{where}: {e.detail}", check=False)
+        return
+    parse_skips.ok()
+
+
 def _finish_parse(parse_skips: SkipCounter) -> None:
     if parse_skips.skipped:
         parse_skips.log_summary(logging.WARNING)
@@ -165,12 +174,7 @@ def read_coco_karpathy(path: str, parse_skips: SkipCounter) -> List[Tuple[str, s
         captions = rec.get("caption")
         captions = captions if isinstance(captions, list) else [captions]
         for caption in captions:
-            try:
-                entries.append((rec["image"], clean_caption(caption)))
-            except SampleError as e:
-                parse_skips.skip(e.reason, f"{path} item {n}: {e.detail}", check=False)
-                continue
-            parse_skips.ok()
+            _add_entry(entries, rec["image"], caption, f"{path} item {n}", parse_skips)
     _finish_parse(parse_skips)
     return entries
 
@@ -241,12 +245,7 @@ def read_jsonl(path: str, image_keys: Sequence[str], caption_keys: Sequence[str]
         if not isinstance(image, str) or not image:
             parse_skips.skip("bad_row", f"{path} line {number}: no image field among {list(image_keys)}", check=False)
             continue
-        try:
-            entries.append((image, clean_caption(_pick(row, caption_keys))))
-        except SampleError as e:
-            parse_skips.skip(e.reason, f"{path} line {number}: {e.detail}", check=False)
-            continue
-        parse_skips.ok()
+        _add_entry(entries, image, _pick(row, caption_keys), f"{path} line {number}", parse_skips)
     _finish_parse(parse_skips)
     return entries
 
@@ -276,12 +275,7 @@ def read_csv(path: str, image_keys: Sequence[str], caption_keys: Sequence[str], 
         if not image or None in row or any(v is None for v in row.values()):
             parse_skips.skip("bad_row", f"{path} data row {number}: not {len(header)} fields", check=False)
             continue
-        try:
-            entries.append((image, clean_caption(row.get(caption_col))))
-        except SampleError as e:
-            parse_skips.skip(e.reason, f"{path} data row {number}: {e.detail}", check=False)
-            continue
-        parse_skips.ok()
+        _add_entry(entries, image, row.get(caption_col), f"{path} data row {number}", parse_skips)
     _finish_parse(parse_skips)
     return entries
 

@@ -1,9 +1,11 @@
 """Training-data sources: every format parses generated data, bad samples are skipped and counted by
 reason, the skip threshold stops a run, and (rank, loader worker) readers split streams exactly."""
 import base64
+import copy
 import gzip
 import io
 import json
+import logging
 import tarfile
 from collections import Counter
 
@@ -422,6 +424,19 @@ def test_skip_counter_threshold():
         counter.skip("bad_base64")
     with pytest.raises(ValueError, match="Unknown skip reason"):
         SampleError("nonsense")
+
+
+def test_skip_counter_logs_periodically_and_copies(caplog):
+    counter = SkipCounter(log_every=4, name="t")
+    with caplog.at_level(logging.INFO, logger="paddlemix.data.sources.common"):
+        counter.skip("bad_json", "line 1")
+        for _ in range(3):
+            counter.ok()
+    assert "t: skipping a sample (bad_json) line 1" in caplog.text
+    assert "t: skipped 1 of 4 samples (25.00%; bad_json=1)" in caplog.text
+    clone = copy.deepcopy(counter)  # outside process creation: a private snapshot, not shared memory
+    clone.ok()
+    assert (clone.good, clone.counts, counter.good) == (4, {"bad_json": 1}, 3)
 
 
 def test_threshold_stops_streaming(tmp_path, tok):

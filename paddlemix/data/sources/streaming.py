@@ -178,7 +178,7 @@ class StreamingCaptionDataset(paddle.io.IterableDataset):
                     if k % stride == offset:
                         yield record
                     k += 1
-            except FileNotFoundError as e:
+            except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
                 if accounts_part:
                     self.skips.skip("missing_file", f"{path}: {e}")
             except _PART_ERRORS as e:

@@ -89,3 +89,37 @@ def test_two_processes_train_on_disjoint_samples(demo_root, tmp_path, extra):
     assert min(len(seen[0]), len(seen[1])) >= 12 * 16
     losses = _losses(out)
     assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)), losses
+
+
+def test_webdataset_shards_train_and_count_bad_samples(tmp_path):
+    """A streaming source goes through the Trainer unsharded-again; a corrupt image is skipped and logged."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as tar:
+            for i in range(24):
+                key = f"{shard:02d}{i:04d}"
+                if i == 5:
+                    payload = b"not an image"
+                else:
+                    buf = io.BytesIO()
+                    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+                    payload = buf.getvalue()
+                for name, data in ((f"{key}.png", payload), (f"{key}.txt", f"a picture number {i}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    flags = _flags(tmp_path, out, 4)
+    flags[flags.index("--task_name") + 1] = str(tmp_path / "{00000..00001}.tar")
+    flags += ["--logging_steps", "4"]
+    _run([sys.executable, str(RECORD), *flags], _env(tmp_path))
+    logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    step_logs = [e for e in logs if "loss" in e]
+    assert step_logs and step_logs[-1]["step"] == 4
+    assert step_logs[-1]["skipped_samples"] >= 1

@@ -144,6 +144,18 @@ class _ClampLogitScale(TrainerCallback):
             scale.set_value(paddle.clip(scale, 0.0, args.logit_scale_max))
 
 
+class _SetEpoch(TrainerCallback):
+    """Reshuffle the training data each epoch (the Trainer only does it for its own samplers)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.epoch = 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(self.epoch)
+        self.epoch += 1
+
+
 class CLIPTrainer(Trainer):
     """Trainer whose loss is contrastive over the data world and whose eval is zero-shot.
 
@@ -171,6 +183,20 @@ class CLIPTrainer(Trainer):
         self._tic = time.perf_counter()
         self._samples = 0
         self.add_callback(_ClampLogitScale(self))
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.add_callback(_SetEpoch(self.train_dataset))
+
+    def get_train_dataloader(self):
+        """Streaming sources split themselves over ranks and workers; don't shard them again."""
+        if not isinstance(self.train_dataset, paddle.io.IterableDataset):
+            return super().get_train_dataloader()
+        return paddle.io.DataLoader(
+            self.train_dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            drop_last=True,
+        )
 
     @property
     def clip_model(self):

@@ -99,8 +99,6 @@ def test_failed_save_removes_the_partial_checkpoint_and_names_the_one_kept(tmp_p
 # ---------------------------------------------------------------------------------------------------
 
 def _trainer(output_dir: Path, max_steps: int, save_steps: int):
-    import paddle  # noqa: F401  (after conftest set MKL_DEBUG_CPU_TYPE)
-
     from paddlemix.factory import create_model
     from paddlemix.train.trainer import CLIPTrainer, PreTrainingArguments, collate_batch
 

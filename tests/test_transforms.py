@@ -247,3 +247,14 @@ def test_unseeded_crop_redraws_generator_after_fork(monkeypatch):
     seeded_rng = seeded.rng
     monkeypatch.setattr(os, "getpid", lambda: -2)
     assert seeded.rng is seeded_rng  # an explicit seed is the user's choice; keep it
+
+
+def test_extreme_aspect_ratio_is_refused_not_exhausting_memory():
+    """A 1 x 60000 strip would be resized to 224 x 13.4M pixels; it is refused with a clear message."""
+    from PIL import Image
+
+    from paddlemix.data.transforms import image_transform
+
+    strip = Image.new("RGB", (1, 60000))
+    with pytest.raises(ValueError, match="aspect ratio"):
+        image_transform(224, is_train=False, output="numpy")(strip)

@@ -95,9 +95,19 @@ def _filter(interpolation: str) -> int:
     return _PIL_FILTERS[interpolation]
 
 
+# A shortest-side resize of a 1 x 60000 px strip to 224 would need 13.4 Gpx; refuse instead of
+# exhausting memory (no real photo comes near: 4096 x 224 is under 1 Mpx).
+MAX_RESIZE_PIXELS = 1 << 26
+
+
 def _resize(img: Image.Image, height: int, width: int, interpolation: str) -> Image.Image:
     if img.size == (width, height):
         return img
+    if height * width > MAX_RESIZE_PIXELS:
+        raise ValueError(
+            f"resizing a {img.size[0]}x{img.size[1]} image to {width}x{height} needs {height * width} pixels "
+            f"(limit {MAX_RESIZE_PIXELS}); its aspect ratio is too extreme for this transform"
+        )
     return img.resize((width, height), _filter(interpolation))
 
 

@@ -16,6 +16,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 __all__ = [
+    "Linear",
     "LayerNorm",
     "RMSNorm",
     "QuickGELU",
@@ -30,6 +31,30 @@ __all__ = [
     "AttentionalPooler",
     "sincos_2d_pos_embed",
 ]
+
+
+def _cpu_eager_fp32(x: paddle.Tensor) -> bool:
+    """True where the CPU fast paths below apply: dynamic graph, a float32 tensor on the CPU.
+
+    Static graphs (export) keep the plain ops, which the inference passes fuse themselves.
+    """
+    return paddle.in_dynamic_mode() and x.dtype == paddle.float32 and x.place.is_cpu_place()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose CPU forward adds the bias inside the GEMM (``addmm``).
+
+    Paddle's CPU ``linear`` is a matmul followed by a separate broadcast add, which writes
+    and re-reads the whole output; ``addmm`` hands the bias to the BLAS call instead (about
+    a tenth of a ViT-B forward on 2 cores). Same parameters and state-dict keys as ``nn.Linear``.
+    """
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.bias is None or not _cpu_eager_fp32(x) or self.weight.dtype != paddle.float32:
+            return F.linear(x, self.weight, self.bias)
+        shape = x.shape
+        y = paddle.addmm(self.bias, x.reshape([-1, shape[-1]]), self.weight)
+        return y.reshape(shape[:-1] + [y.shape[-1]])
 
 
 class LayerNorm(nn.LayerNorm):
@@ -161,10 +186,10 @@ class Mlp(nn.Layer):
         drop: float = 0.0,
     ):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = act_layer()
         self.norm = norm_layer(hidden_dim) if norm_layer is not None else nn.Identity()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -189,9 +214,9 @@ class SwiGLU(nn.Layer):
     ):
         super().__init__()
         self.hidden_dim = hidden_dim
-        self.fc1 = nn.Linear(dim, 2 * hidden_dim)
+        self.fc1 = Linear(dim, 2 * hidden_dim)
         self.norm = norm_layer(hidden_dim) if norm_layer is not None else nn.Identity()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -230,14 +255,14 @@ class Attention(nn.Layer):
         self.scale = self.head_dim**-0.5
         self.qkv_bias_mode = qkv_bias
         self.use_fused_attn = use_fused_attn
-        self.qkv = nn.Linear(dim, 3 * dim, bias_attr=None if qkv_bias == "qkv" else False)
+        self.qkv = Linear(dim, 3 * dim, bias_attr=None if qkv_bias == "qkv" else False)
         if qkv_bias == "qv":
             zeros = nn.initializer.Constant(0.0)
             self.q_bias = self.create_parameter([dim], default_initializer=zeros, is_bias=True)
             self.v_bias = self.create_parameter([dim], default_initializer=zeros, is_bias=True)
         self.norm = inner_norm(dim) if inner_norm is not None else nn.Identity()
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
     def _qkv(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -258,6 +283,9 @@ class Attention(nn.Layer):
     ) -> paddle.Tensor:
         B, L, _ = x.shape
         qkv = self._qkv(x).reshape([B, L, 3, self.num_heads, self.head_dim])
+        if self.use_fused_attn and _cpu_eager_fp32(qkv):
+            x = self._attend_cpu(qkv, attn_mask, rope, rope_index, num_prefix_tokens)
+            return self.proj_drop(self.proj(self.norm(x.reshape([B, L, self.num_heads * self.head_dim]))))
         q, k, v = qkv.unbind(axis=2)  # each [B, L, H, D]
         if rope is not None:
             q = rope.rotate(q, rope_index, num_prefix_tokens)
@@ -266,6 +294,31 @@ class Attention(nn.Layer):
         # Heads x head width, not C: under tensor parallelism this rank holds only some heads.
         x = self.norm(x.reshape([B, L, self.num_heads * self.head_dim]))
         return self.proj_drop(self.proj(x))
+
+    def _attend_cpu(self, qkv, attn_mask, rope, rope_index, num_prefix_tokens: int) -> paddle.Tensor:
+        """Attention on the CPU in dynamic mode, ``qkv`` [B, L, 3, H, D] -> [B, L, H, D].
+
+        The math of ``scaled_dot_product_attention``'s CPU (math) backend, with the same
+        results, but with every layout change done by ``einsum``, which writes a contiguous
+        copy: the strided views the SDPA path makes (unbind, transpose) are each copied again
+        by Paddle's generic strided-copy kernel inside the next op, which on 2 cores is ~8x
+        slower than the transpose kernel einsum uses and took most of the attention time.
+        """
+        if rope is None:
+            qkv = paddle.einsum("blthd->tbhld", qkv)  # [3, B, H, L, D]
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            qkv = paddle.einsum("blthd->tblhd", qkv)  # RoPE rotates along the token axis 1
+            q = rope.rotate(qkv[0], rope_index, num_prefix_tokens)
+            k = rope.rotate(qkv[1], rope_index, num_prefix_tokens)
+            q, k, v = (paddle.einsum("blhd->bhld", t) for t in (q, k, qkv[2]))
+        attn = paddle.matmul(q * self.scale, k, transpose_y=True)
+        if attn_mask is not None:
+            attn = attn + attn_mask.astype(attn.dtype)
+        attn = F.softmax(attn, axis=-1)
+        if self.training and self.attn_drop > 0:
+            attn = F.dropout(attn, self.attn_drop, training=True, mode="upscale_in_train")
+        return paddle.einsum("bhld->blhd", paddle.matmul(attn, v))
 
     def _attend(self, q, k, v, attn_mask):
         dropout = self.attn_drop if self.training else 0.0

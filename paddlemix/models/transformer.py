@@ -21,6 +21,7 @@ from .layers import (
     Mlp,
     PatchDropout,
     SwiGLU,
+    _cpu_eager_fp32,
     sincos_2d_pos_embed,
 )
 
@@ -274,9 +275,11 @@ class VisionTransformer(nn.Layer):
 
         Returns the tokens and the kept patch indices (``None`` when every patch is kept).
         """
-        x = self.patch_embed(x)  # [B, C, gh, gw]
-        B, C = x.shape[0], x.shape[1]
-        x = x.flatten(2).transpose([0, 2, 1])  # [B, N, C]
+        if _cpu_eager_fp32(x) and self.patch_embed.weight.dtype == paddle.float32:
+            x = self._patchify_matmul(x)
+        else:
+            x = self.patch_embed(x).flatten(2).transpose([0, 2, 1])  # [B, C, gh, gw] -> [B, N, C]
+        B, C = x.shape[0], x.shape[2]
         cls = self.class_embedding.astype(x.dtype).reshape([1, 1, C]).expand([B, 1, C])
         x = paddle.concat([cls, x], axis=1)
         x = x + self.positional_embedding.astype(x.dtype)
@@ -284,6 +287,24 @@ class VisionTransformer(nn.Layer):
         if self.patch_dropout is not None:
             x, keep = self.patch_dropout(x)
         return self.norm_pre(x), keep
+
+    def _patchify_matmul(self, x: paddle.Tensor) -> paddle.Tensor:
+        """The patch-embedding convolution as one GEMM over non-overlapping patches, [B, N, C].
+
+        Kernel size equals stride, so the convolution is exactly patches @ weight: on the CPU
+        that GEMM is several times faster than Paddle's conv2d, and it yields [B, N, C] directly
+        instead of a [B, C, N] tensor whose strided transpose the next op copies again.
+        """
+        B, cin, h, w = x.shape
+        ph, pw = self.patch_size
+        gh, gw = h // ph, w // pw
+        if gh * ph != h or gw * pw != w:
+            x = x[:, :, : gh * ph, : gw * pw]  # what the stride-ph/pw convolution ignores
+        patches = paddle.einsum("bchpwq->bhwcpq", x.reshape([B, cin, gh, ph, gw, pw]))
+        weight = self.patch_embed.weight
+        out = paddle.matmul(patches.reshape([B, gh * gw, cin * ph * pw]), weight.reshape([weight.shape[0], -1]),
+                            transpose_y=True)
+        return out if self.patch_embed.bias is None else out + self.patch_embed.bias
 
     def pool(self, x: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         if self.attn_pool is not None:

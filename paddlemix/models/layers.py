@@ -306,14 +306,14 @@ class Attention(nn.Layer):
         """
         if rope is None or (rope_index is None and _rope_fits(rope, qkv.shape[1] - num_prefix_tokens)):
             qkv = paddle.einsum("blthd->tbhld", qkv)  # [3, B, H, L, D]
-            q, k, v = qkv[0], qkv[1], qkv[2]
+            q, k, v = qkv.unbind(0)  # not qkv[i]: each slice's backward writes a full-size zero tensor
             if rope is not None:
                 q, k = _rotate_all_tokens(rope, q, k, num_prefix_tokens)
         else:
-            qkv = paddle.einsum("blthd->tblhd", qkv)  # RoPE rotates along the token axis 1
-            q = rope.rotate(qkv[0], rope_index, num_prefix_tokens)
-            k = rope.rotate(qkv[1], rope_index, num_prefix_tokens)
-            q, k, v = (paddle.einsum("blhd->bhld", t) for t in (q, k, qkv[2]))
+            q, k, v = paddle.einsum("blthd->tblhd", qkv).unbind(0)  # RoPE rotates along the token axis 1
+            q = rope.rotate(q, rope_index, num_prefix_tokens)
+            k = rope.rotate(k, rope_index, num_prefix_tokens)
+            q, k, v = (paddle.einsum("blhd->bhld", t) for t in (q, k, v))
         attn = paddle.matmul(q * self.scale, k, transpose_y=True)
         if attn_mask is not None:
             attn = attn + attn_mask.astype(attn.dtype)

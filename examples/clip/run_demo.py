@@ -6,10 +6,13 @@ Weights are random unless --pretrained names a checkpoint (no downloads happen h
 """
 import argparse
 import logging
-import os
+import runpy
 import time
+from pathlib import Path
 
-os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")  # before Paddle loads: MKL's fast path on AMD CPUs
+# paddlemix/_env.py before anything imports Paddle: MKL's AVX2 path on AMD CPUs, all cores, and
+# the other CPU settings documented there (README, "Performance").
+runpy.run_path(str(Path(__file__).resolve().parents[2] / "paddlemix" / "_env.py"), run_name="paddlemix_apply_cpu_env")
 
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402

@@ -8,6 +8,7 @@ transposes are needed on the fast path.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import numpy as np
@@ -39,6 +40,20 @@ def _cpu_eager_fp32(x: paddle.Tensor) -> bool:
     Static graphs (export) keep the plain ops, which the inference passes fuse themselves.
     """
     return paddle.in_dynamic_mode() and x.dtype == paddle.float32 and x.place.is_cpu_place()
+
+
+def _cpu_fp32(x: paddle.Tensor) -> bool:
+    """A float32 tensor on the CPU, or a static graph being built on a CPU (an export there).
+
+    The attention formulation below is the faster one for Paddle Inference on CPUs as well
+    (oneDNN runs RoPE's broadcast multiplies of [N, 1, D] tables on a slow path); a graph
+    built on a GPU keeps scaled_dot_product_attention, i.e. flash attention.
+    """
+    if x.dtype != paddle.float32:
+        return False
+    if paddle.in_dynamic_mode():
+        return x.place.is_cpu_place()
+    return paddle.framework._current_expected_place_().is_cpu_place()
 
 
 class Linear(nn.Linear):
@@ -283,7 +298,7 @@ class Attention(nn.Layer):
     ) -> paddle.Tensor:
         B, L, _ = x.shape
         qkv = self._qkv(x).reshape([B, L, 3, self.num_heads, self.head_dim])
-        if self.use_fused_attn and _cpu_eager_fp32(qkv):
+        if self.use_fused_attn and _cpu_fp32(qkv):
             x = self._attend_cpu(qkv, attn_mask, rope, rope_index, num_prefix_tokens)
             return self.proj_drop(self.proj(self.norm(x.reshape([B, L, self.num_heads * self.head_dim]))))
         q, k, v = qkv.unbind(axis=2)  # each [B, L, H, D]
@@ -296,7 +311,7 @@ class Attention(nn.Layer):
         return self.proj_drop(self.proj(x))
 
     def _attend_cpu(self, qkv, attn_mask, rope, rope_index, num_prefix_tokens: int) -> paddle.Tensor:
-        """Attention on the CPU in dynamic mode, ``qkv`` [B, L, 3, H, D] -> [B, L, H, D].
+        """Attention on the CPU, ``qkv`` [B, L, 3, H, D] -> [B, L, H, D].
 
         The math of ``scaled_dot_product_attention``'s CPU (math) backend, with the same
         results, but with every layout change done by ``einsum``, which writes a contiguous
@@ -331,7 +346,13 @@ class Attention(nn.Layer):
         return attention_reference(q, k, v, attn_mask, self.scale, dropout, self.training)
 
 
-_PAIR_ROTATIONS = {}
+@functools.lru_cache(maxsize=None)
+def _pair_rotation(dim: int) -> np.ndarray:
+    """[dim, dim] signed permutation R with x @ R = (-x1, x0, -x3, x2, ...)."""
+    table = np.zeros([dim, dim], dtype=np.float32)
+    table[np.arange(1, dim, 2), np.arange(0, dim, 2)] = -1.0  # out[2i] = -x[2i+1]
+    table[np.arange(0, dim, 2), np.arange(1, dim, 2)] = 1.0  # out[2i+1] = x[2i]
+    return table
 
 
 def _rope_fits(rope, num_patches: int) -> bool:
@@ -348,12 +369,7 @@ def _rotate_all_tokens(rope, q: paddle.Tensor, k: paddle.Tensor, num_prefix_toke
     ``rope.rotate`` cost ~20% of an EVA02-B/16 forward on the CPU.
     """
     dim = q.shape[-1]
-    rotation = _PAIR_ROTATIONS.get(dim)
-    if rotation is None:
-        table = np.zeros([dim, dim], dtype=np.float32)
-        table[np.arange(1, dim, 2), np.arange(0, dim, 2)] = -1.0  # out[2i] = -x[2i+1]
-        table[np.arange(0, dim, 2), np.arange(1, dim, 2)] = 1.0  # out[2i+1] = x[2i]
-        rotation = _PAIR_ROTATIONS[dim] = paddle.to_tensor(table)
+    rotation = paddle.to_tensor(_pair_rotation(dim))
     cos = paddle.concat([paddle.ones([num_prefix_tokens, dim], "float32"), rope.freqs_cos])  # [L, D]
     sin = paddle.concat([paddle.zeros([num_prefix_tokens, dim], "float32"), rope.freqs_sin])
     return tuple(t * cos + paddle.matmul(t, rotation) * sin for t in (q, k))

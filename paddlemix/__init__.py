@@ -6,6 +6,11 @@ The public API mirrors open_clip's::
     model, _, preprocess = paddlemix.create_model_and_transforms("ViT-B-32", pretrained="weights.safetensors")
     tokenizer = paddlemix.get_tokenizer("ViT-B-32")
 """
+from . import _env
+
+if _env.started_as_cli():  # `python -m paddlemix.export` etc.: before the imports below load Paddle
+    _env.apply_cpu_env()
+
 from .data.tokenizer import SimpleTokenizer, tokenize
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, image_transform
 from .factory import create_model, create_model_and_transforms, get_model_preprocess_cfg, get_tokenizer

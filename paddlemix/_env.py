@@ -55,7 +55,7 @@ from typing import Dict, List, MutableMapping, Optional, Set
 
 logger = logging.getLogger("paddlemix._env")
 
-__all__ = ["apply_cpu_env", "available_cpus", "recommended_env", "retain_freed_memory"]
+__all__ = ["apply_cpu_env", "available_cpus", "recommended_env", "retain_freed_memory", "started_as_cli"]
 
 _CPUINFO = Path("/proc/cpuinfo")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
@@ -180,6 +180,26 @@ def apply_cpu_env(
     environ.update(wanted)
     logger.debug("CPU environment: set %s", wanted)
     return wanted
+
+
+def started_as_cli(orig_argv: Optional[List[str]] = None) -> bool:
+    """True when this process is ``python -m paddlemix...`` (one of the package's command lines).
+
+    The package's ``__init__`` runs before Paddle is imported in that case, so it can apply the
+    settings the way the example scripts do; an application that merely imports paddlemix is
+    left alone (its environment is its own business).
+    """
+    argv = list(getattr(sys, "orig_argv", []) if orig_argv is None else orig_argv)[1:]
+    i = 0
+    while i < len(argv):  # the interpreter's own options, up to the script, -c or -m
+        arg = argv[i]
+        if arg == "-m":
+            module = argv[i + 1] if i + 1 < len(argv) else ""
+            return module == "paddlemix" or module.startswith("paddlemix.")
+        if arg == "-c" or arg == "-" or not arg.startswith("-"):
+            return False
+        i += 2 if arg in ("-X", "-W") else 1
+    return False
 
 
 def _main(argv: Optional[List[str]] = None) -> int:

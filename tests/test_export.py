@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 import pytest
 
-from paddlemix._env import apply_cpu_env, recommended_env
+from paddlemix._env import apply_cpu_env, recommended_env, started_as_cli
 from paddlemix.export import check_parity, export_encoders, parity_inputs
 from paddlemix.factory import create_model
 from paddlemix.inference import EXPORT_CONFIG, ExportedCLIP, ExportError, load_exported
@@ -144,3 +144,22 @@ def test_env_script_prints_shell_exports():
     lines = proc.stdout.splitlines()
     assert "export GOMP_SPINCOUNT=0" in lines
     assert any(line.startswith("export OMP_NUM_THREADS=") for line in lines)
+
+
+def test_package_command_lines_apply_the_env_before_paddle_loads():
+    assert started_as_cli(["python", "-m", "paddlemix.export", "--model", "x"])
+    assert started_as_cli(["python3", "-X", "dev", "-m", "paddlemix"])
+    assert not started_as_cli(["python", "-m", "pytest", "-m", "paddlemix.export"])
+    assert not started_as_cli(["python", "app.py", "-m", "paddlemix.export"])
+    assert not started_as_cli(["python", "-m", "paddlemixer.tool"])
+    # A real `python -m paddlemix.<cli>` process: the variables are in place before Paddle reads them.
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+    probe = ("import os, sys; print(os.environ.get('OMP_NUM_THREADS'), os.environ.get('GOMP_SPINCOUNT'))")
+    proc = subprocess.run([sys.executable, "-m", "paddlemix.convert", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.orig_argv[:] = ['python', '-m', 'paddlemix.x']; "
+                           "import paddlemix; " + probe], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "0" and proc.stdout.split()[-2] == recommended_env(environ=env)["OMP_NUM_THREADS"]

@@ -1,0 +1,80 @@
+"""The CPU eager fast paths compute what the plain Paddle ops compute, gradients included."""
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from paddlemix.models import fused_norm
+from paddlemix.models.layers import Attention, LayerNorm, Linear
+
+
+def _grads(out, inputs, dy):
+    return [None if g is None else g.numpy() for g in paddle.grad([out], inputs, [dy], allow_unused=True)]
+
+
+@pytest.mark.parametrize("frozen", ["none", "weight", "bias", "input"])
+def test_linear_backward_equals_f_linear(frozen):
+    rng = np.random.default_rng(0)
+    layer = Linear(24, 40)
+    x = paddle.to_tensor(rng.standard_normal([3, 5, 24]).astype("float32"), stop_gradient=False)
+    dy = paddle.to_tensor(rng.standard_normal([3, 5, 40]).astype("float32"))
+    if frozen == "input":
+        x.stop_gradient = True
+    elif frozen != "none":
+        getattr(layer, frozen).stop_gradient = True
+    trainable = [t for t in (x, layer.weight, layer.bias) if not t.stop_gradient]
+    fast = layer(x)
+    ref = F.linear(x, layer.weight, layer.bias)
+    np.testing.assert_allclose(fast.numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
+    for got, want in zip(_grads(fast, trainable, dy), _grads(ref, trainable, dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if frozen in ("weight", "bias"):
+        loss = (layer(x) * dy).sum()
+        loss.backward()
+        assert getattr(layer, frozen).grad is None
+
+
+def test_linear_without_grad_is_plain_addmm():
+    layer = Linear(8, 4)
+    x = paddle.randn([2, 8])
+    with paddle.no_grad():
+        y = layer(x)
+    assert y.stop_gradient
+    np.testing.assert_allclose(y.numpy(), F.linear(x, layer.weight, layer.bias).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_layer_norm_in_training_mode_matches_reference():
+    assert fused_norm.fused_op_status().available  # CI builds it; the fallback is Paddle's own kernel
+    rng = np.random.default_rng(1)
+    ln = LayerNorm(96)
+    ln.weight.set_value(paddle.to_tensor(rng.uniform(0.5, 1.5, 96).astype("float32")))
+    ln.bias.set_value(paddle.to_tensor(rng.standard_normal(96).astype("float32")))
+    x = paddle.to_tensor(3 * rng.standard_normal([4, 7, 96]).astype("float32") + 1, stop_gradient=False)
+    dy = paddle.to_tensor(rng.standard_normal([4, 7, 96]).astype("float32"))
+    ln.train()
+    fast = ln(x)
+    ref = F.layer_norm(x, [96], ln.weight, ln.bias, 1e-5)
+    np.testing.assert_allclose(fast.numpy(), ref.numpy(), atol=1e-5)
+    params = [x, ln.weight, ln.bias]
+    for got, want in zip(_grads(fast, params, dy), _grads(ref, params, dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+    ln.eval()  # evaluation keeps Paddle's kernel: bit-identical to F.layer_norm
+    np.testing.assert_array_equal(ln(x).numpy(), ref.numpy())
+
+
+def test_qv_bias_projection_gradients():
+    """EVA's q/v-bias qkv projection (bias folded into the GEMM) against matmul + bias add."""
+    paddle.seed(0)
+    attn = Attention(32, 4, qkv_bias="qv")
+    rng = np.random.default_rng(2)
+    for bias in (attn.q_bias, attn.v_bias):
+        bias.set_value(paddle.to_tensor(rng.standard_normal(32).astype("float32")))
+    x = paddle.to_tensor(rng.standard_normal([2, 6, 32]).astype("float32"), stop_gradient=False)
+    dy = paddle.to_tensor(rng.standard_normal([2, 6, 96]).astype("float32"))
+    fast = attn._qkv(x)
+    full_bias = paddle.concat([attn.q_bias, paddle.zeros([32]), attn.v_bias])
+    ref = paddle.matmul(x, attn.qkv.weight) + full_bias
+    np.testing.assert_allclose(fast.numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
+    params = [x, attn.qkv.weight, attn.q_bias, attn.v_bias]
+    for got, want in zip(_grads(fast, params, dy), _grads(ref, params, dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

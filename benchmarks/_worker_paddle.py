@@ -59,7 +59,7 @@ class Encode(Case):
 
             self._tmp = tempfile.TemporaryDirectory(prefix="paddlemix-bench-")
             export_encoders(model, self._tmp.name, towers=[tower])
-            exported = ExportedCLIP(self._tmp.name, onednn=case.get("onednn", True))
+            exported = ExportedCLIP(self._tmp.name, onednn=case.get("onednn", False))
             fn = exported.encode_image if tower == "image" else exported.encode_text
             self._call = lambda: fn(x)
             with paddle.no_grad():

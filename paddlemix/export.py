@@ -12,11 +12,12 @@ directory. After saving, the exported encoders are run by Paddle Inference on ge
 inputs and compared with the dynamic model; the command fails when they differ by more
 than ``--atol``.
 
-Two things differ from the dynamic model, neither in its numbers: the fused LayerNorm custom
+One thing differs from the dynamic model, not in its numbers: the fused LayerNorm custom
 operator is traced as Paddle's own ``layer_norm`` (same math; an exported program must load
-without the operator's library, and the inference passes fuse layer norms themselves), and
-the CPU eager fast paths of the towers (``addmm``, einsum layouts) are not used, since they
-only exist in dynamic mode.
+without the operator's library). A graph built on a CPU keeps the towers' CPU formulations
+(``addmm`` with the bias inside the GEMM, einsum attention layouts), which Paddle Inference
+runs faster than what its passes make of the generic ones; built on a GPU it keeps
+``scaled_dot_product_attention``.
 """
 from __future__ import annotations
 

@@ -13,11 +13,15 @@ without Python in the loop, which is the fastest way Paddle has to run a fixed g
 
 Choices made here, per device:
 
-* CPU: oneDNN on (``onednn=True``), ``cpu_threads`` math threads (default: the CPUs this
-  process may use, see :func:`paddlemix._env.available_cpus`). One oneDNN fusion is turned off:
-  ``matmul_elementwise_add_fuse_pass`` folds the text tower's causal-mask add into the
-  attention matmul, and oneDNN then runs that matmul with a broadcast post-op on a reference
-  path (a 77-token batch of 4 took 9.2 s instead of 0.1 s here).
+* CPU: Paddle's own CPU kernels (MKL GEMMs, the same ``addmm`` / attention kernels as the
+  dynamic model, see :func:`paddlemix.models.layers.addmm_linear`) with its graph passes, and
+  ``cpu_threads`` math threads (default: the CPUs this process may use, see
+  :func:`paddlemix._env.available_cpus`). ``onednn=True`` runs oneDNN instead; it was slower
+  on the 2-core AMD EPYC (AVX2) this was measured on: ViT-B-32 batch 16, image tower 15.3 vs
+  16.7 img/s, text tower 20.8 vs 21.9 texts/s; EVA02-B-16 image 3.32 vs 3.60 img/s. With oneDNN
+  one fusion is turned off: ``matmul_elementwise_add_fuse_pass`` folds the text tower's
+  causal-mask add into the attention matmul, and oneDNN then runs that matmul with a
+  broadcast post-op on a reference path (a 77-token batch of 4 took 9.2 s instead of 0.1 s).
 * GPU: TensorRT when this Paddle was built with it and ``tensorrt`` is not False (dynamic batch
   from 1 to ``max_batch_size``), plain GPU kernels otherwise; ``precision="fp16"`` asks for
   half precision on GPU. This GPU path is written against Paddle's documented API but has not
@@ -46,7 +50,7 @@ EXPORT_CONFIG = "export_config.json"
 EXPORT_FORMAT = "paddlemix-inference"
 DEVICES = ("cpu", "gpu")
 PRECISIONS = ("fp32", "fp16", "bf16")
-# See the module docstring: pathological on oneDNN for attention masks.
+# See the module docstring: pathological on oneDNN for attention masks (onednn=True only).
 CPU_PASSES_OFF = ("matmul_elementwise_add_fuse_pass",)
 
 ArrayLike = Union[np.ndarray, paddle.Tensor, Sequence]
@@ -89,7 +93,7 @@ def predictor_config(
     input_spec: Dict[str, Any],
     device: str = "cpu",
     cpu_threads: Optional[int] = None,
-    onednn: bool = True,
+    onednn: bool = False,
     tensorrt: Optional[bool] = None,
     precision: str = "fp32",
     max_batch_size: int = 64,

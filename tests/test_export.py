@@ -57,8 +57,8 @@ def test_exported_features_equal_dynamic_for_any_batch(tiny_model, tiny_export):
         np.testing.assert_allclose(np.linalg.norm(normed, axis=-1), np.ones(batch), rtol=0, atol=1e-6)
 
 
-def test_plain_cpu_kernels_agree(tiny_model, tiny_export):
-    diffs = check_parity(tiny_model, tiny_export, batch=4, onednn=False)
+def test_onednn_kernels_agree(tiny_model, tiny_export):
+    diffs = check_parity(tiny_model, tiny_export, batch=4, onednn=True)
     assert set(diffs) == {"image", "text"}
     assert max(diffs.values()) < 1e-5
 

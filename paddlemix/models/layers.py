@@ -93,15 +93,23 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        if self.bias is None or not _cpu_eager_fp32(x) or self.weight.dtype != paddle.float32:
+        if self.bias is None or not _cpu_fp32(x) or self.weight.dtype != paddle.float32:
             return F.linear(x, self.weight, self.bias)
         return addmm_linear(x, self.weight, self.bias)
 
 
 def addmm_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
-    """``F.linear(x, weight, bias)`` on the CPU eager fast path (float32 ``x`` of any rank)."""
+    """``F.linear(x, weight, bias)`` on the CPU fast path (float32 ``x`` of any rank).
+
+    Also used when a static graph is built on a CPU (an export): Paddle Inference then runs
+    the same ``addmm`` kernel as dynamic mode, which measured faster here than what its own
+    passes make of ``matmul`` + ``add`` (ViT-B-32 image tower: 14.6 img/s before this).
+    """
     shape = x.shape
     x2 = x.reshape([-1, shape[-1]])
+    if not paddle.in_dynamic_mode():
+        y = paddle.addmm(bias, x2, weight)
+        return y.reshape([-1 if d is None or d < 0 else d for d in shape[:-1]] + [weight.shape[-1]])
     if paddle.is_grad_enabled() and not (x.stop_gradient and weight.stop_gradient and bias.stop_gradient):
         y = _AddmmLinear.apply(x2, weight, bias)
     else:
@@ -359,7 +367,7 @@ class Attention(nn.Layer):
             # Through ``self.qkv`` (not F.linear on its weight) so a tensor-parallel qkv layer
             # still runs its own forward (F.linear with a bias is the same matmul and add).
             bias = paddle.concat([self.q_bias, paddle.zeros_like(self.q_bias), self.v_bias])
-            if type(self.qkv) is Linear and _cpu_eager_fp32(x):  # the bias inside the GEMM
+            if type(self.qkv) is Linear and _cpu_fp32(x):  # the bias inside the GEMM
                 return addmm_linear(x, self.qkv.weight, bias)
             return self.qkv(x) + bias
         return self.qkv(x)

@@ -20,7 +20,7 @@ MODULE_NAME = "paddlemix_fused_ln"
 OPS_DIR = Path(__file__).resolve().parent
 KERNEL_DIR = OPS_DIR / "fused_ln"
 
-CPU_SOURCES = ("fused_ln_op.cc", "fused_ln_cpu.cc")
+CPU_SOURCES = ("fused_ln_op.cc", "fused_ln_cpu.cc", "cpu_act_op.cc")
 CUDA_SOURCES = ("fused_ln_op.cu",)
 HEADERS = ("fused_ln_cpu.h", "fused_ln_cpu_rows.inc", "fused_ln_cuda.cuh")
 

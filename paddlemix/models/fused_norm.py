@@ -50,6 +50,8 @@ __all__ = [
     "FusedNormUnavailableError",
     "fused_add_layer_norm",
     "fused_add_rms_norm",
+    "cpu_gelu",
+    "cpu_softmax",
     "fused_ln",
     "fused_norm_layer",
     "fused_op_status",
@@ -233,6 +235,18 @@ def fused_ln(
     """
     _require_or_warn(require_op=True)
     return _run_op(x, residual, weight, bias, epsilon, rms_norm, portable)
+
+
+def cpu_gelu(x: paddle.Tensor) -> paddle.Tensor:
+    """Exact GELU by the library's ``cpu_gelu`` operator (float32 CPU tensors; differentiable)."""
+    _require_or_warn(require_op=True)
+    return paddle._C_ops._run_custom_op("cpu_gelu", x)[0]
+
+
+def cpu_softmax(x: paddle.Tensor) -> paddle.Tensor:
+    """Softmax over the last axis by the library's ``cpu_softmax`` operator (float32 CPU tensors)."""
+    _require_or_warn(require_op=True)
+    return paddle._C_ops._run_custom_op("cpu_softmax", x)[0]
 
 
 def _reference_layer_norm(x, weight, bias, epsilon: float) -> paddle.Tensor:

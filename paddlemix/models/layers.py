@@ -22,7 +22,9 @@ __all__ = [
     "Linear",
     "LayerNorm",
     "RMSNorm",
+    "GELU",
     "QuickGELU",
+    "softmax_last_axis",
     "get_act_layer",
     "get_norm_layer",
     "LayerScale",
@@ -117,31 +119,32 @@ def addmm_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -
     return y.reshape(shape[:-1] + [y.shape[-1]])
 
 
-_CPU_TRAINING_NORM = []  # [callable or None], filled on first use
+_LOGGED_UNAVAILABLE = []  # non-empty once the missing library has been logged
 
 
-def _cpu_training_layer_norm() -> Optional[Callable]:
-    """The fused_ln operator's LayerNorm when it can be loaded (or built), else None.
+def _cpu_kernels():
+    """The module running the external_ops/ CPU kernels when they load (or build), else None.
 
-    Paddle's CPU ``layer_norm`` backward runs at a small fraction of memory speed: 9.5 ms
-    for a [800, 768] ViT-B-32 activation on 2 cores against 0.73 ms for the operator in
-    external_ops/ (forward: 0.28 ms either way), i.e. ~7% of a ViT-B-32 training step. The
-    operator computes the same math (fp32 rounding apart), so LayerNorm uses it in training
-    mode on a CPU (its forward alone is ~20% slower than Paddle's, so evaluation keeps
-    Paddle's kernel); without a compiler it keeps Paddle's kernel, after one log line.
+    Paddle's CPU kernels for three element-wise steps of a ViT block run far below memory
+    speed (2-core AMD EPYC, float32): ``layer_norm`` backward takes 9.5 ms on a [800, 768]
+    ViT-B-32 activation against 0.73 ms for the fused_ln operator; ``gelu`` forward + backward
+    on [800, 3072] 12.7 ms against 7 ms; ``softmax`` forward + backward of ViT-B-32's attention
+    [16, 12, 50, 50] 2.2 ms against 0.95 ms. The operators compute the same math (to float32
+    rounding; the GELU tail is more accurate than Paddle's), so the layers below use them for
+    float32 CPU tensors in dynamic mode. Without a compiler Paddle's kernels stay, after one
+    log line. Static graphs (export) always use Paddle's ops.
     """
-    if not _CPU_TRAINING_NORM:
-        from . import fused_norm
+    from . import fused_norm
 
-        status = fused_norm.fused_op_status()
-        if status.available:
-            _CPU_TRAINING_NORM.append(lambda x, w, b, eps: fused_norm._run_op(x, None, w, b, eps, False)[0])
-        else:
-            logging.getLogger(__name__).info(
-                "CPU training uses Paddle's slower layer_norm backward: the fused_ln operator is unavailable "
-                "(%s); build it with `python external_ops/setup.py install`", status.detail)
-            _CPU_TRAINING_NORM.append(None)
-    return _CPU_TRAINING_NORM[0]
+    status = fused_norm.fused_op_status()  # loads or builds once per process, then a cached answer
+    if status.available:
+        return fused_norm
+    if not _LOGGED_UNAVAILABLE:
+        _LOGGED_UNAVAILABLE.append(True)
+        logging.getLogger(__name__).info(
+            "CPU layers use Paddle's slower layer_norm/gelu/softmax kernels: the external_ops library is "
+            "unavailable (%s); build it with `python external_ops/setup.py install`", status.detail)
+    return None
 
 
 class LayerNorm(nn.LayerNorm):
@@ -149,7 +152,10 @@ class LayerNorm(nn.LayerNorm):
 
     Low-precision statistics are the usual source of fp16/bf16 divergence, so the
     reduction always runs in fp32 whatever the activation dtype. In training mode on a CPU,
-    float32 goes through the fused_ln operator (see :func:`_cpu_training_layer_norm`).
+    float32 goes through the fused_ln operator (see :func:`_cpu_kernels`), whose backward is
+    the fast part; its forward alone is ~20% slower than Paddle's, so evaluation keeps Paddle's
+    kernel, and training mode (not "grad enabled") decides so that recompute's no-grad first
+    pass matches its replay.
     """
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -162,12 +168,12 @@ class LayerNorm(nn.LayerNorm):
         if (
             self.weight is not None
             and self.bias is not None
-            and self.training  # not "grad enabled": recompute's no-grad first pass must match its replay
+            and self.training
             and _cpu_eager_fp32(x)
         ):
-            op = _cpu_training_layer_norm()
-            if op is not None:
-                return op(x, self.weight, self.bias, self._epsilon)
+            ops = _cpu_kernels()
+            if ops is not None:
+                return ops.fused_ln(x, None, self.weight, self.bias, self._epsilon)[0]
         return F.layer_norm(x, self._normalized_shape, self.weight, self.bias, self._epsilon)
 
 
@@ -193,8 +199,28 @@ class QuickGELU(nn.Layer):
         return x * F.sigmoid(1.702 * x)
 
 
+class GELU(nn.Layer):
+    """Exact (erf) GELU; float32 on the CPU in dynamic mode runs the external_ops kernel."""
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if _cpu_eager_fp32(x):
+            ops = _cpu_kernels()
+            if ops is not None:
+                return ops.cpu_gelu(x)
+        return F.gelu(x)
+
+
+def softmax_last_axis(x: paddle.Tensor) -> paddle.Tensor:
+    """``F.softmax(x, axis=-1)``; float32 on the CPU in dynamic mode runs the external_ops kernel."""
+    if _cpu_eager_fp32(x):
+        ops = _cpu_kernels()
+        if ops is not None:
+            return ops.cpu_softmax(x)
+    return F.softmax(x, axis=-1)
+
+
 def get_act_layer(quick_gelu: bool) -> Callable[[], nn.Layer]:
-    return QuickGELU if quick_gelu else nn.GELU
+    return QuickGELU if quick_gelu else GELU
 
 
 def get_norm_layer(use_rms_norm: bool = False, eps: float = 1e-5, fused: bool = False) -> Callable[[int], nn.Layer]:
@@ -278,7 +304,7 @@ class Mlp(nn.Layer):
         self,
         dim: int,
         hidden_dim: int,
-        act_layer: Callable[[], nn.Layer] = nn.GELU,
+        act_layer: Callable[[], nn.Layer] = GELU,
         norm_layer: Optional[Callable[[int], nn.Layer]] = None,
         drop: float = 0.0,
     ):
@@ -416,7 +442,7 @@ class Attention(nn.Layer):
         attn = paddle.matmul(q * self.scale, k, transpose_y=True)
         if attn_mask is not None:
             attn = attn + attn_mask.astype(attn.dtype)
-        attn = F.softmax(attn, axis=-1)
+        attn = softmax_last_axis(attn)
         if self.training and self.attn_drop > 0:
             attn = F.dropout(attn, self.attn_drop, training=True, mode="upscale_in_train")
         return paddle.einsum("bhld->blhd", paddle.matmul(attn, v))

@@ -28,7 +28,7 @@ import paddle.nn.functional as F
 from paddle.distributed.fleet.utils import recompute
 
 from .config import ConfigError, TextCfg, VisionCfg
-from .layers import DropPath, LayerNorm, Mlp
+from .layers import GELU, DropPath, LayerNorm, Mlp
 from .transformer import TextTransformer, VisionTransformer, to_2tuple
 
 __all__ = [
@@ -69,7 +69,7 @@ class TokenMixingMlp(nn.Layer):
         self,
         num_tokens: int,
         hidden_dim: int,
-        act_layer: Callable[[], nn.Layer] = nn.GELU,
+        act_layer: Callable[[], nn.Layer] = GELU,
         causal: bool = False,
     ):
         super().__init__()
@@ -106,7 +106,7 @@ class MixerBlock(nn.Layer):
         num_tokens: int,
         token_dim: int,
         channel_dim: int,
-        act_layer: Callable[[], nn.Layer] = nn.GELU,
+        act_layer: Callable[[], nn.Layer] = GELU,
         norm_layer: Callable[[int], nn.Layer] = LayerNorm,
         causal: bool = False,
         drop_path: float = 0.0,
@@ -133,7 +133,7 @@ class MixerStack(nn.Layer):
         num_tokens: int,
         token_dim: int,
         channel_dim: int,
-        act_layer: Callable[[], nn.Layer] = nn.GELU,
+        act_layer: Callable[[], nn.Layer] = GELU,
         norm_layer: Callable[[int], nn.Layer] = LayerNorm,
         causal: bool = False,
         drop_path_rate: float = 0.0,
@@ -201,7 +201,7 @@ class MixerVisionTower(nn.Layer):
         token_dim: int,
         channel_dim: int,
         output_dim: int,
-        act_layer: Callable[[], nn.Layer] = nn.GELU,
+        act_layer: Callable[[], nn.Layer] = GELU,
         norm_layer: Callable[[int], nn.Layer] = LayerNorm,
         drop_path_rate: float = 0.0,
         pool_type: str = "avg",
@@ -280,7 +280,7 @@ class MixerTextTower(nn.Layer):
         pool_type: str = "argmax",
         pad_id: int = 0,
         eos_id: int = 2,
-        act_layer: Callable[[], nn.Layer] = nn.GELU,
+        act_layer: Callable[[], nn.Layer] = GELU,
         norm_layer: Callable[[int], nn.Layer] = LayerNorm,
         proj_type: str = "linear",
         proj_bias: bool = False,

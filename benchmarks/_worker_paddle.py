@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from _protocol import Case, serve  # noqa: E402
+from _inputs import image_batch, text_batch  # noqa: E402
 
 
 def _model(case: Dict[str, Any]):
@@ -26,17 +27,6 @@ def _model(case: Dict[str, Any]):
 
     paddle.seed(case.get("seed", 0))
     return create_model(case["model"])
-
-
-def image_batch(batch: int, size: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal([batch, 3, size, size]).astype(np.float32)
-
-
-def text_batch(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
-    """Full-length random token ids ending in the EOT id (the largest), as a 77-token caption would."""
-    ids = np.random.default_rng(seed).integers(1, vocab - 1, size=[batch, length]).astype(np.int64)
-    ids[:, -1] = vocab - 1
-    return ids
 
 
 class Encode(Case):

@@ -19,6 +19,7 @@ from typing import Any, Dict
 import numpy as np
 
 from _protocol import Case, serve
+from _inputs import image_batch, text_batch
 
 logger = logging.getLogger("bench.peer")
 
@@ -50,16 +51,6 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_n
 def _info() -> Dict[str, Any]:
     return {"torch": torch.__version__, "open_clip": open_clip.__version__, "threads": torch.get_num_threads(),
             "torchvision": TORCHVISION}
-
-
-def image_batch(batch: int, size: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal([batch, 3, size, size]).astype(np.float32)
-
-
-def text_batch(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
-    ids = np.random.default_rng(seed).integers(1, vocab - 1, size=[batch, length]).astype(np.int64)
-    ids[:, -1] = vocab - 1
-    return ids
 
 
 def _model(case: Dict[str, Any]):

@@ -128,8 +128,11 @@ def _peer_python(arg: Optional[str]) -> Tuple[Optional[str], str]:
     if not candidate:
         candidate, source = sys.executable, "this interpreter"
     # open_clip itself is imported by the worker, which works around a mismatched torchvision.
-    probe = subprocess.run([candidate, "-c", "import importlib.util as u, torch; assert u.find_spec('open_clip')"],
-                           capture_output=True, text=True)
+    try:
+        probe = subprocess.run([candidate, "-c", "import importlib.util as u, torch; assert u.find_spec('open_clip')"],
+                               capture_output=True, text=True)
+    except OSError as exc:
+        return None, f"peer absent: {candidate} ({source}) cannot run: {exc}"
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
         return None, f"peer absent: {candidate} ({source}) lacks torch or open_clip: {last}"

@@ -27,19 +27,15 @@ fill by hand and names them when it finds nothing.
 """
 from __future__ import annotations
 
-import functools
-import html
 import logging
 import unicodedata
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import ftfy
 import numpy as np
-import paddle
 import regex
 
-from .tokenizer import _needs_ftfy
+from .tokenizer import _WordCachedTokenizer, _whitespace_clean
 
 __all__ = ["BertTokenizer", "resolve_vocab_file", "BERT_VOCAB_NAMES"]
 
@@ -145,7 +141,7 @@ def _read_vocab(path: Path) -> Dict[str, int]:
     return vocab
 
 
-class BertTokenizer:
+class BertTokenizer(_WordCachedTokenizer):
     """WordPiece tokenizer with open_clip's ``HFTokenizer`` call contract.
 
     Args:
@@ -202,19 +198,6 @@ class BertTokenizer:
             raise ValueError(f"context_length={context_length!r} cannot hold the special tokens (needs >= {need})")
         return int(context_length)
 
-    def _build_cache(self) -> None:
-        self._word_pieces = functools.lru_cache(maxsize=self.cache_size)(self._wordpiece)
-
-    # The LRU wrapper holds a bound method, which cannot be pickled (spawned data-loader workers).
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        del state["_word_pieces"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._build_cache()
-
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}(vocab_file={str(self.vocab_file)!r}, vocab_size={self.vocab_size}, "
@@ -226,9 +209,7 @@ class BertTokenizer:
     def _clean(self, text: str) -> str:
         if self.clean == "none":
             return text
-        if _needs_ftfy(text):
-            text = html.unescape(html.unescape(ftfy.fix_text(text)))
-        text = " ".join(text.split())
+        text = _whitespace_clean(text)
         return text.lower() if self.clean == "lower" else text
 
     def _normalize(self, text: str) -> str:
@@ -263,7 +244,8 @@ class BertTokenizer:
             parts.append(word[start:])
         return parts
 
-    def _wordpiece(self, word: str) -> Tuple[str, ...]:
+    def _word_uncached(self, word: str) -> Tuple[str, ...]:
+        """WordPiece pieces of one word (memoised as ``self._word``)."""
         if len(word) > self.max_input_chars_per_word:
             return (UNK,)
         pieces = []
@@ -296,7 +278,7 @@ class BertTokenizer:
                 continue
             for word in self._normalize(chunk).split():
                 for sub in self._split_punctuation(word):
-                    pieces.extend(self._word_pieces(sub))
+                    pieces.extend(self._word(sub))
         return pieces
 
     def encode(self, text: str) -> List[int]:
@@ -341,10 +323,6 @@ class BertTokenizer:
             # Every [SEP], including one written literally in the caption, as open_clip does.
             out[out == self.sep_token_id] = self.pad_token_id
         return out
-
-    def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> paddle.Tensor:
-        """int64 ``paddle.Tensor`` ``[N, context_length]`` (N = 1 for a single str)."""
-        return paddle.to_tensor(self.batch_encode(texts, context_length), dtype="int64")
 
     # ------------------------------------------------------------------ construction from configs
     @classmethod

@@ -86,12 +86,17 @@ def _needs_ftfy(text: str) -> bool:
     return not text.isascii() or _FTFY_SENSITIVE_ASCII.search(text) is not None
 
 
-def clean_text(text: str) -> str:
-    """CLIP's 'lower' clean-up: ftfy, double HTML unescape, whitespace collapse, lower-case."""
+def _whitespace_clean(text: str) -> str:
+    """open_clip's 'whitespace' clean-up: ftfy, double HTML unescape, whitespace collapse."""
     if _needs_ftfy(text):
         text = html.unescape(html.unescape(ftfy.fix_text(text)))
     # str.split() with no argument splits on any whitespace run and drops leading/trailing ones.
-    return " ".join(text.split()).lower()
+    return " ".join(text.split())
+
+
+def clean_text(text: str) -> str:
+    """CLIP's 'lower' clean-up: ftfy, double HTML unescape, whitespace collapse, lower-case."""
+    return _whitespace_clean(text).lower()
 
 
 def _load_merges(bpe_path: str) -> List[Tuple[str, str]]:
@@ -117,7 +122,39 @@ def _load_merges(bpe_path: str) -> List[Tuple[str, str]]:
     return merges
 
 
-class SimpleTokenizer:
+class _WordCachedTokenizer:
+    """What the CLIP BPE and BERT WordPiece tokenizers share: a bounded per-word LRU cache of
+    ``_word_uncached`` (as ``self._word``) that survives pickling, and ``__call__`` as a Paddle
+    tensor of ``batch_encode``. Subclasses set ``cache_size`` and call ``_build_cache()``."""
+
+    cache_size: int
+
+    def _word_uncached(self, word: str) -> Tuple:
+        raise NotImplementedError
+
+    def batch_encode(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _build_cache(self) -> None:
+        self._word = functools.lru_cache(maxsize=self.cache_size)(self._word_uncached)
+
+    # The LRU wrapper holds a bound method, which cannot be pickled; data-loader workers started with
+    # 'spawn' pickle the dataset (and its tokenizer), so drop the cache and rebuild it on arrival.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_word"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._build_cache()
+
+    def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> paddle.Tensor:
+        """Tokenize to an int64 ``paddle.Tensor`` of shape [N, context_length] (N = 1 for a single str)."""
+        return paddle.to_tensor(self.batch_encode(texts, context_length), dtype="int64")
+
+
+class SimpleTokenizer(_WordCachedTokenizer):
     """CLIP byte-level BPE tokenizer producing the same ids as ``open_clip.tokenize``.
 
     Args:
@@ -168,20 +205,6 @@ class SimpleTokenizer:
         )
         self._build_cache()
 
-    def _build_cache(self) -> None:
-        self._word_ids = functools.lru_cache(maxsize=self.cache_size)(self._word_ids_uncached)
-
-    # The LRU wrapper holds a bound method, which cannot be pickled; data-loader workers started with
-    # 'spawn' pickle the dataset (and its tokenizer), so drop the cache and rebuild it on arrival.
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        del state["_word_ids"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._build_cache()
-
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}(vocab_size={self.vocab_size}, context_length={self.context_length}, "
@@ -216,7 +239,8 @@ class SimpleTokenizer:
             symbols = out
         return symbols
 
-    def _word_ids_uncached(self, word: str) -> Tuple[int, ...]:
+    def _word_uncached(self, word: str) -> Tuple[int, ...]:
+        """Ids of one pre-tokenized word (memoised as ``self._word``)."""
         if word == SOT_TOKEN or word == EOT_TOKEN:
             return (self.encoder[word],)
         mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
@@ -227,7 +251,7 @@ class SimpleTokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}: {text!r}")
         ids: List[int] = []
-        word_ids = self._word_ids
+        word_ids = self._word
         for word in self.pattern.findall(clean_text(text)):
             ids.extend(word_ids(word))
         return ids
@@ -271,10 +295,6 @@ class SimpleTokenizer:
             out[row, 1:n + 1] = ids
             out[row, n + 1] = self.eot_token_id
         return out
-
-    def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> paddle.Tensor:
-        """Tokenize to an int64 ``paddle.Tensor`` of shape [N, context_length] (N = 1 for a single str)."""
-        return paddle.to_tensor(self.batch_encode(texts, context_length), dtype="int64")
 
 
 @functools.lru_cache(maxsize=None)

@@ -151,23 +151,32 @@ def _block_indices(keys, prefix: str) -> List[int]:
     return sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
 
 
-def _open_clip_text(m: _Mapper, src: str) -> None:
-    """open_clip's text tower; ``src`` is '' (flattened CLIP) or 'text.' (CustomTextCLIP / EVA)."""
-    m.move(src + "token_embedding.weight", "text.token_embedding.weight")
-    m.move(src + "positional_embedding", "text.positional_embedding")
-    m.move(src + "cls_emb", "text.cls_emb")
-    m.move(src + "ln_final.weight", "text.ln_final.weight")
-    m.move(src + "ln_final.bias", "text.ln_final.bias")
-    if not m.move(src + "text_projection.weight", "text.text_projection.weight", _t):
+def _clip_text(m: _Mapper, src: str, legacy: bool = False) -> None:
+    """open_clip's text tower; ``src`` is '' (flattened CLIP) or 'text.' (CustomTextCLIP / EVA).
+
+    ``legacy``: PaddleMIX's port of it (split q/k/v, [in, out] weights, projection a parameter).
+    """
+    for name in ("token_embedding.weight", "positional_embedding", "cls_emb", "ln_final.weight", "ln_final.bias"):
+        m.move(src + name, "text." + name)
+    if legacy or not m.move(src + "text_projection.weight", "text.text_projection.weight", _t):
         m.move(src + "text_projection", "text.text_projection.weight")
-    m.move(src + "text_projection.bias", "text.text_projection.bias")
+    if not legacy:
+        m.move(src + "text_projection.bias", "text.text_projection.bias")
     m.drop(re.escape(src) + r"attn_mask")
     for i in _block_indices(m.src, src + "transformer.resblocks."):
-        m.block(f"{src}transformer.resblocks.{i}.", f"text.transformer.blocks.{i}.", _OPEN_CLIP_BLOCK)
+        s, d = f"{src}transformer.resblocks.{i}.", f"text.transformer.blocks.{i}."
+        m.block(s, d, _LEGACY_CLIP_BLOCK if legacy else _OPEN_CLIP_BLOCK)
+        if legacy:
+            _legacy_attn(m, s, d)
 
 
-def _convert_open_clip(sd: StateDict) -> StateDict:
-    m = _Mapper(sd)
+def _text_prefix(m: _Mapper) -> str:
+    """'text.' when the text tower is a submodule (CustomTextCLIP, EVA), '' when flattened into CLIP."""
+    return "text." if any(k.startswith("text.") for k in m.src) else ""
+
+
+def _clip_vision_stem(m: _Mapper) -> None:
+    """Everything of open_clip's ViT outside its blocks (the same names in PaddleMIX's port)."""
     m.move("visual.conv1.weight", "visual.patch_embed.weight")
     m.move("visual.class_embedding", "visual.class_embedding")
     m.move("visual.positional_embedding", "visual.positional_embedding")
@@ -176,6 +185,25 @@ def _convert_open_clip(sd: StateDict) -> StateDict:
     m.move("visual.ln_post.weight", "visual.norm.weight")
     m.move("visual.ln_post.bias", "visual.norm.bias")
     m.move("visual.proj", "visual.head.weight")
+
+
+def _eva_vision_stem(m: _Mapper, head_fn: Optional[Callable[[np.ndarray], np.ndarray]]) -> None:
+    """Everything of EVA-CLIP's ViT outside its blocks; ``head_fn`` orients the head weight."""
+    m.move("visual.patch_embed.proj.weight", "visual.patch_embed.weight")
+    m.move("visual.patch_embed.proj.bias", "visual.patch_embed.bias")
+    m.move("visual.cls_token", "visual.class_embedding", lambda x: x.reshape(-1))
+    m.move("visual.pos_embed", "visual.positional_embedding", lambda x: x.reshape(x.shape[-2], x.shape[-1]))
+    for norm in ("norm", "fc_norm"):
+        m.move(f"visual.{norm}.weight", "visual.norm.weight")
+        m.move(f"visual.{norm}.bias", "visual.norm.bias")
+    m.move("visual.head.weight", "visual.head.weight", head_fn)
+    m.move("visual.head.bias", "visual.head.bias")
+    m.drop(r"visual\.rope\.freqs_(cos|sin)")
+
+
+def _convert_open_clip(sd: StateDict) -> StateDict:
+    m = _Mapper(sd)
+    _clip_vision_stem(m)
     for i in _block_indices(m.src, "visual.transformer.resblocks."):
         m.block(f"visual.transformer.resblocks.{i}.", f"visual.transformer.blocks.{i}.", _OPEN_CLIP_BLOCK)
     # CoCa-style attentional pooler (nn.MultiheadAttention with kdim != embed_dim keeps separate weights).
@@ -196,8 +224,7 @@ def _convert_open_clip(sd: StateDict) -> StateDict:
         q_w, k_w, v_w = np.split(m.src.pop(p + "attn.in_proj_weight"), 3)
         m.out["visual.attn_pool.q_proj.weight"] = _t(q_w)
         m.out["visual.attn_pool.kv_proj.weight"] = _t(np.concatenate([k_w, v_w]))
-    text_prefix = "text." if any(k.startswith("text.") for k in m.src) else ""
-    _open_clip_text(m, text_prefix)
+    _clip_text(m, _text_prefix(m))
     m.move("logit_scale", "logit_scale")
     m.move("logit_bias", "logit_bias")
     return m.finish("open_clip")
@@ -205,23 +232,14 @@ def _convert_open_clip(sd: StateDict) -> StateDict:
 
 def _convert_eva(sd: StateDict) -> StateDict:
     m = _Mapper(sd)
-    m.move("visual.patch_embed.proj.weight", "visual.patch_embed.weight")
-    m.move("visual.patch_embed.proj.bias", "visual.patch_embed.bias")
-    m.move("visual.cls_token", "visual.class_embedding", lambda x: x.reshape(-1))
-    m.move("visual.pos_embed", "visual.positional_embedding", lambda x: x.reshape(x.shape[-2], x.shape[-1]))
-    for norm in ("norm", "fc_norm"):
-        m.move(f"visual.{norm}.weight", "visual.norm.weight")
-        m.move(f"visual.{norm}.bias", "visual.norm.bias")
-    m.move("visual.head.weight", "visual.head.weight", _t)
-    m.move("visual.head.bias", "visual.head.bias")
-    m.drop(r"visual\.rope\.freqs_(cos|sin)")
+    _eva_vision_stem(m, _t)
     for i in _block_indices(m.src, "visual.blocks."):
         src, dst = f"visual.blocks.{i}.", f"visual.transformer.blocks.{i}."
         m.block(src, dst, _EVA_BLOCK)
         m.fuse_qkv([src + f"attn.{n}_proj.weight" for n in "qkv"], dst + "attn.qkv.weight", True)
         m.fuse_qkv([src + "mlp.w1.weight", src + "mlp.w2.weight"], dst + "mlp.fc1.weight", True)
         m.fuse_qkv([src + "mlp.w1.bias", src + "mlp.w2.bias"], dst + "mlp.fc1.bias", False)
-    _open_clip_text(m, "text.")
+    _clip_text(m, "text.")
     m.move("logit_scale", "logit_scale")
     return m.finish("EVA-CLIP")
 
@@ -261,22 +279,7 @@ def _convert_hf(sd: StateDict) -> StateDict:
 # nothing is transposed here; q/k/v are fused along the output axis. Its EVA towers keep the
 # q/v biases on the projections instead of EVA-CLIP's ``q_bias``/``v_bias``, and bfloat16
 # weights arrive as the uint16 bit patterns Paddle pickles them as.
-_LEGACY_CLIP_BLOCK: List[Tuple[str, str, bool]] = [
-    ("ln_1.weight", "norm1.weight", False),
-    ("ln_1.bias", "norm1.bias", False),
-    ("ln_2.weight", "norm2.weight", False),
-    ("ln_2.bias", "norm2.bias", False),
-    ("attn.out_proj.weight", "attn.proj.weight", False),
-    ("attn.out_proj.bias", "attn.proj.bias", False),
-    ("attn.in_proj_weight", "attn.qkv.weight", False),
-    ("attn.in_proj_bias", "attn.qkv.bias", False),
-    ("mlp.c_fc.weight", "mlp.fc1.weight", False),
-    ("mlp.c_fc.bias", "mlp.fc1.bias", False),
-    ("mlp.c_proj.weight", "mlp.fc2.weight", False),
-    ("mlp.c_proj.bias", "mlp.fc2.bias", False),
-    ("ls_1.gamma", "ls1.gamma", False),
-    ("ls_2.gamma", "ls2.gamma", False),
-]
+_LEGACY_CLIP_BLOCK: List[Tuple[str, str, bool]] = [(src, dst, False) for src, dst, _ in _OPEN_CLIP_BLOCK]
 
 _LEGACY_EVA_BLOCK: List[Tuple[str, str, bool]] = [
     (src, dst, False) for src, dst, _ in _EVA_BLOCK if not src.startswith(("attn.qkv.", "attn.q_bias", "attn.v_bias"))
@@ -320,31 +323,10 @@ def _legacy_attn(m: _Mapper, src: str, dst: str) -> None:
     m.fuse_qkv_axis1([src + f"attn.{n}_proj.bias" for n in "qkv"], dst + "attn.qkv.bias")
 
 
-def _legacy_text(m: _Mapper, src: str) -> None:
-    m.move(src + "token_embedding.weight", "text.token_embedding.weight")
-    m.move(src + "positional_embedding", "text.positional_embedding")
-    m.move(src + "cls_emb", "text.cls_emb")
-    m.move(src + "ln_final.weight", "text.ln_final.weight")
-    m.move(src + "ln_final.bias", "text.ln_final.bias")
-    m.move(src + "text_projection", "text.text_projection.weight")
-    m.drop(re.escape(src) + r"attn_mask")
-    for i in _block_indices(m.src, src + "transformer.resblocks."):
-        s, d = f"{src}transformer.resblocks.{i}.", f"text.transformer.blocks.{i}."
-        m.block(s, d, _LEGACY_CLIP_BLOCK)
-        _legacy_attn(m, s, d)
-
-
 def _convert_paddlemix_legacy(sd: StateDict) -> StateDict:
     m = _Mapper({k: _bf16_bits_as_float32(v) for k, v in sd.items()})
     # CLIP vision tower (PaddleMIX VisionTransformer).
-    m.move("visual.conv1.weight", "visual.patch_embed.weight")
-    m.move("visual.class_embedding", "visual.class_embedding")
-    m.move("visual.positional_embedding", "visual.positional_embedding")
-    m.move("visual.ln_pre.weight", "visual.norm_pre.weight")
-    m.move("visual.ln_pre.bias", "visual.norm_pre.bias")
-    m.move("visual.ln_post.weight", "visual.norm.weight")
-    m.move("visual.ln_post.bias", "visual.norm.bias")
-    m.move("visual.proj", "visual.head.weight")
+    _clip_vision_stem(m)
     for i in _block_indices(m.src, "visual.transformer.resblocks."):
         s, d = f"visual.transformer.resblocks.{i}.", f"visual.transformer.blocks.{i}."
         m.block(s, d, _LEGACY_CLIP_BLOCK)
@@ -358,17 +340,8 @@ def _convert_paddlemix_legacy(sd: StateDict) -> StateDict:
         m.move(f"{p}attn.q_proj.{part}", f"{p}q_proj.{part}")
         m.move(f"{p}attn.out_proj.{part}", f"{p}out_proj.{part}")
         m.fuse_qkv_axis1([f"{p}attn.k_proj.{part}", f"{p}attn.v_proj.{part}"], f"{p}kv_proj.{part}")
-    # EVA vision tower (PaddleMIX EVAVisionTransformer).
-    m.move("visual.patch_embed.proj.weight", "visual.patch_embed.weight")
-    m.move("visual.patch_embed.proj.bias", "visual.patch_embed.bias")
-    m.move("visual.cls_token", "visual.class_embedding", lambda x: x.reshape(-1))
-    m.move("visual.pos_embed", "visual.positional_embedding", lambda x: x.reshape(x.shape[-2], x.shape[-1]))
-    for norm in ("norm", "fc_norm"):
-        m.move(f"visual.{norm}.weight", "visual.norm.weight")
-        m.move(f"visual.{norm}.bias", "visual.norm.bias")
-    m.move("visual.head.weight", "visual.head.weight")
-    m.move("visual.head.bias", "visual.head.bias")
-    m.drop(r"visual\.rope\.freqs_(cos|sin)")
+    # EVA vision tower (PaddleMIX EVAVisionTransformer), [in, out] head already.
+    _eva_vision_stem(m, None)
     for i in _block_indices(m.src, "visual.blocks."):
         s, d = f"visual.blocks.{i}.", f"visual.transformer.blocks.{i}."
         if s + "attn.qv_proj.weight" in m.src:  # fuse_qv: q and v share one matrix, k is separate
@@ -381,7 +354,7 @@ def _convert_paddlemix_legacy(sd: StateDict) -> StateDict:
         m.fuse_qkv_axis1([s + "mlp.w1.weight", s + "mlp.w2.weight"], d + "mlp.fc1.weight")
         m.fuse_qkv_axis1([s + "mlp.w1.bias", s + "mlp.w2.bias"], d + "mlp.fc1.bias")
     # Text tower: under ``text.`` (custom_text / EVA) or flattened into the CLIP root.
-    _legacy_text(m, "text." if any(k.startswith("text.") for k in m.src) else "")
+    _clip_text(m, _text_prefix(m), legacy=True)
     m.move("logit_scale", "logit_scale")
     m.drop(r"attn_mask")
     return m.finish("PaddleMIX (legacy Paddle)")

@@ -247,25 +247,27 @@ Tensor Checked(const Tensor& t, const char* op, const char* what) {
   return t.is_contiguous() ? t : t.contiguous();
 }
 
+// The AVX2 kernel `name` when the CPU has AVX2 + FMA, else `name##Generic` (same signature).
+#if CPU_ACT_HAVE_AVX2
+#define CPU_ACT_PICK(name) (HasAvx2() ? avx2::name : name##Generic)
+#else
+#define CPU_ACT_PICK(name) (name##Generic)
+#endif
+
+// fn(start, length) over [0, count) in pieces of `step`, split over OpenMP threads.
+template <typename Fn>
+void ForPieces(int64_t count, int64_t step, const Fn& fn) {
+#pragma omp parallel for schedule(static)
+  for (int64_t start = 0; start < count; start += step) fn(start, std::min(step, count - start));
+}
+
 std::vector<Tensor> GeluFwd(const Tensor& x_in) {
   const Tensor x = Checked(x_in, "cpu_gelu", "x");
   Tensor y = paddle::empty(x.shape(), DataType::FLOAT32, x.place());
   const float* px = x.data<float>();
   float* py = y.data<float>();
-  const int64_t n = x.numel();
-  const bool avx2 = HasAvx2();
-#pragma omp parallel for schedule(static)
-  for (int64_t start = 0; start < n; start += kChunk) {
-    const int64_t len = std::min(kChunk, n - start);
-#if CPU_ACT_HAVE_AVX2
-    if (avx2) {
-      avx2::GeluForward(px + start, py + start, len);
-      continue;
-    }
-#endif
-    GeluForwardGeneric(px + start, py + start, len);
-  }
-  (void)avx2;
+  const auto kernel = CPU_ACT_PICK(GeluForward);
+  ForPieces(x.numel(), kChunk, [&](int64_t i, int64_t len) { kernel(px + i, py + i, len); });
   return {y};
 }
 
@@ -276,20 +278,8 @@ std::vector<Tensor> GeluBwd(const Tensor& x_in, const Tensor& dy_in) {
   const float* px = x.data<float>();
   const float* pdy = dy.data<float>();
   float* pdx = dx.data<float>();
-  const int64_t n = x.numel();
-  const bool avx2 = HasAvx2();
-#pragma omp parallel for schedule(static)
-  for (int64_t start = 0; start < n; start += kChunk) {
-    const int64_t len = std::min(kChunk, n - start);
-#if CPU_ACT_HAVE_AVX2
-    if (avx2) {
-      avx2::GeluBackward(px + start, pdy + start, pdx + start, len);
-      continue;
-    }
-#endif
-    GeluBackwardGeneric(px + start, pdy + start, pdx + start, len);
-  }
-  (void)avx2;
+  const auto kernel = CPU_ACT_PICK(GeluBackward);
+  ForPieces(x.numel(), kChunk, [&](int64_t i, int64_t len) { kernel(px + i, pdy + i, pdx + i, len); });
   return {dx};
 }
 
@@ -301,22 +291,11 @@ int64_t LastDim(const Tensor& t, const char* op) {
 std::vector<Tensor> SoftmaxFwd(const Tensor& x_in) {
   const Tensor x = Checked(x_in, "cpu_softmax", "x");
   const int64_t cols = LastDim(x, "cpu_softmax");
-  const int64_t rows = x.numel() / cols;
   Tensor y = paddle::empty(x.shape(), DataType::FLOAT32, x.place());
   const float* px = x.data<float>();
   float* py = y.data<float>();
-  const bool avx2 = HasAvx2();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-#if CPU_ACT_HAVE_AVX2
-    if (avx2) {
-      avx2::SoftmaxRow(px + r * cols, py + r * cols, cols);
-      continue;
-    }
-#endif
-    SoftmaxRowGeneric(px + r * cols, py + r * cols, cols);
-  }
-  (void)avx2;
+  const auto kernel = CPU_ACT_PICK(SoftmaxRow);
+  ForPieces(x.numel() / cols, 1, [&](int64_t r, int64_t) { kernel(px + r * cols, py + r * cols, cols); });
   return {y};
 }
 
@@ -324,23 +303,13 @@ std::vector<Tensor> SoftmaxBwd(const Tensor& y_in, const Tensor& dy_in) {
   const Tensor y = Checked(y_in, "cpu_softmax_grad", "y");
   const Tensor dy = Checked(dy_in, "cpu_softmax_grad", "dy");
   const int64_t cols = LastDim(y, "cpu_softmax_grad");
-  const int64_t rows = y.numel() / cols;
   Tensor dx = paddle::empty(y.shape(), DataType::FLOAT32, y.place());
   const float* py = y.data<float>();
   const float* pdy = dy.data<float>();
   float* pdx = dx.data<float>();
-  const bool avx2 = HasAvx2();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-#if CPU_ACT_HAVE_AVX2
-    if (avx2) {
-      avx2::SoftmaxGradRow(py + r * cols, pdy + r * cols, pdx + r * cols, cols);
-      continue;
-    }
-#endif
-    SoftmaxGradRowGeneric(py + r * cols, pdy + r * cols, pdx + r * cols, cols);
-  }
-  (void)avx2;
+  const auto kernel = CPU_ACT_PICK(SoftmaxGradRow);
+  ForPieces(y.numel() / cols, 1,
+            [&](int64_t r, int64_t) { kernel(py + r * cols, pdy + r * cols, pdx + r * cols, cols); });
   return {dx};
 }
 

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from _protocol import Case, serve  # noqa: E402
-from _inputs import image_batch, text_batch  # noqa: E402
+from _inputs import image_batch, layer_norm_operands, matmul_operands, text_batch  # noqa: E402
 
 
 def _model(case: Dict[str, Any]):
@@ -185,10 +185,7 @@ class LayerNorm(Case):
         from paddlemix.models import fused_norm
 
         rows, cols = case["shape"]
-        rng = np.random.default_rng(0)
-        x, r, dy, ds = (paddle.to_tensor(rng.standard_normal([rows, cols]).astype(np.float32)) for _ in range(4))
-        w = paddle.to_tensor(rng.random(cols).astype(np.float32) + 0.5)
-        b = paddle.to_tensor(rng.standard_normal(cols).astype(np.float32))
+        x, r, dy, ds, w, b = (paddle.to_tensor(a) for a in layer_norm_operands(rows, cols))
         for t in (x, r, w, b):
             t.stop_gradient = False
         if case["variant"] == "fused":
@@ -219,9 +216,7 @@ class Matmul(Case):
 
     def __init__(self, case: Dict[str, Any]):
         m, k, n = case["shape"]
-        rng = np.random.default_rng(0)
-        self.a = paddle.to_tensor(rng.standard_normal([m, k]).astype(np.float32))
-        self.b = paddle.to_tensor(rng.standard_normal([k, n]).astype(np.float32))
+        self.a, self.b = (paddle.to_tensor(a) for a in matmul_operands(m, k, n))
         self.info = {}
 
     def run(self) -> None:

@@ -16,10 +16,8 @@ import sys
 import types
 from typing import Any, Dict
 
-import numpy as np
-
 from _protocol import Case, serve
-from _inputs import image_batch, text_batch
+from _inputs import image_batch, layer_norm_operands, matmul_operands, text_batch
 
 logger = logging.getLogger("bench.peer")
 
@@ -157,10 +155,7 @@ class Tokenizer(Case):
 class LayerNorm(Case):
     def __init__(self, case: Dict[str, Any]):
         rows, cols = case["shape"]
-        rng = np.random.default_rng(0)
-        x, r, dy, ds = (torch.from_numpy(rng.standard_normal([rows, cols]).astype(np.float32)) for _ in range(4))
-        w = torch.from_numpy(rng.random(cols).astype(np.float32) + 0.5)
-        b = torch.from_numpy(rng.standard_normal(cols).astype(np.float32))
+        x, r, dy, ds, w, b = (torch.from_numpy(a) for a in layer_norm_operands(rows, cols))
         for t in (x, r, w, b):
             t.requires_grad_(True)
         self._tensors = (x, r, w, b, dy, ds, cols)
@@ -176,9 +171,7 @@ class LayerNorm(Case):
 class Matmul(Case):
     def __init__(self, case: Dict[str, Any]):
         m, k, n = case["shape"]
-        rng = np.random.default_rng(0)
-        self.a = torch.from_numpy(rng.standard_normal([m, k]).astype(np.float32))
-        self.b = torch.from_numpy(rng.standard_normal([k, n]).astype(np.float32))
+        self.a, self.b = (torch.from_numpy(a) for a in matmul_operands(m, k, n))
         self.info = _info()
 
     def run(self) -> None:

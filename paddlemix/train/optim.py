@@ -102,6 +102,11 @@ def _check_positive(label: str, value: Optional[float], upper: Optional[float] =
         raise ValueError(f"{label} must be {bound}, got {value!r}")
 
 
+def _per_tower(default: float, visual: Optional[float], text: Optional[float]) -> Dict[str, float]:
+    """A tower's own setting where given, else ``default``."""
+    return {"visual": default if visual is None else visual, "text": default if text is None else text}
+
+
 def param_groups(
     model: nn.Layer,
     *,
@@ -140,16 +145,9 @@ def param_groups(
 
     named = list(model.named_parameters())
     extra = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    tower_lr = {"visual": lr if visual_lr is None else visual_lr, "text": lr if text_lr is None else text_lr}
-    tower_wd = {
-        "visual": weight_decay if visual_wd is None else visual_wd,
-        "text": weight_decay if text_wd is None else text_wd,
-    }
-    base_ld = 1.0 if layer_decay is None else layer_decay
-    tower_ld = {
-        "visual": base_ld if visual_ld is None else visual_ld,
-        "text": base_ld if text_ld is None else text_ld,
-    }
+    tower_lr = _per_tower(lr, visual_lr, text_lr)
+    tower_wd = _per_tower(weight_decay, visual_wd, text_wd)
+    tower_ld = _per_tower(1.0 if layer_decay is None else layer_decay, visual_ld, text_ld)
     depth = {t: _tower_depth(n[len(t) + 1 :] for n, _ in named if n.startswith(t + ".")) for t in TOWERS}
 
     groups: "OrderedDict[str, dict]" = OrderedDict()
@@ -185,13 +183,18 @@ def _group_maps(groups: Sequence[dict]) -> Tuple[List[paddle.Tensor], Dict[str, 
 class _PerParamHyper:
     """Looks up a parameter's lr multiplier and weight decay by name at update time.
 
-    ``_decay_attr`` names the attribute the Paddle base class reads as the decay of the
-    parameter being updated; it is set just before each parameter's update op.
+    ``_decay_arg`` names the Paddle base class's decay argument, passed as 0.0; the base
+    class reads it back as the attribute ``_<decay_arg>``, which is set to the decay of
+    the parameter being updated just before each parameter's update op.
     """
 
-    _decay_attr: str
+    _decay_arg: str
     _lr_mult: Dict[str, float]
     _param_wd: Dict[str, float]
+
+    def __init__(self, groups: Sequence[dict], **kwargs):
+        params, self._lr_mult, self._param_wd = _group_maps(groups)
+        super().__init__(parameters=params, **{self._decay_arg: 0.0}, **kwargs)
 
     def _hyper(self, param: paddle.Tensor) -> Tuple[float, float]:
         try:
@@ -208,7 +211,7 @@ class _PerParamHyper:
         return lr if mult == 1.0 else lr * mult
 
     def _append_optimize_op(self, block, param_and_grad):
-        setattr(self, self._decay_attr, self._hyper(param_and_grad[0])[1])
+        setattr(self, "_" + self._decay_arg, self._hyper(param_and_grad[0])[1])
         return super()._append_optimize_op(block, param_and_grad)
 
     def effective_lr(self, param: paddle.Tensor) -> float:
@@ -222,11 +225,7 @@ class _PerParamHyper:
 class GroupedAdamW(_PerParamHyper, paddle.optimizer.AdamW):
     """AdamW (decoupled decay ``p -= lr * wd * p``) with per-group lr multiplier and decay."""
 
-    _decay_attr = "_weight_decay"
-
-    def __init__(self, groups: Sequence[dict], **kwargs):
-        params, self._lr_mult, self._param_wd = _group_maps(groups)
-        super().__init__(parameters=params, weight_decay=0.0, **kwargs)
+    _decay_arg = "weight_decay"
 
 
 class GroupedLamb(_PerParamHyper, paddle.optimizer.Lamb):
@@ -236,11 +235,7 @@ class GroupedLamb(_PerParamHyper, paddle.optimizer.Lamb):
     decay skip the trust ratio (Paddle's ``always_adapt=False``, as in NVIDIA's LAMB).
     """
 
-    _decay_attr = "_lamb_weight_decay"
-
-    def __init__(self, groups: Sequence[dict], **kwargs):
-        params, self._lr_mult, self._param_wd = _group_maps(groups)
-        super().__init__(parameters=params, lamb_weight_decay=0.0, **kwargs)
+    _decay_arg = "lamb_weight_decay"
 
 
 def build_optimizer(

@@ -431,7 +431,7 @@ class _ElementType(NamedTuple):
     """How one torch element type is stored: numpy dtype of the raw bytes, and a decoder."""
 
     torch_name: str
-    raw: Optional[np.dtype]  # None: a torch type numpy cannot represent
+    raw: np.dtype
     kind: str = "plain"  # "plain", "bf16" or "bool"
 
 
@@ -618,7 +618,7 @@ class _TorchUnpickling:
                 raise _error(self._path, f"tensor dtype torch.{dtype.name} is not supported (no numpy equivalent)")
             if storage.element is not None and storage.element != element:
                 raise _error(self._path, f"tensor dtype torch.{dtype.name} does not match its storage")
-        if element is None or element.raw is None:
+        if element is None:
             raise _error(self._path, "tensor over an untyped storage has no dtype")
         if storage.data is None:  # dry run
             return None
@@ -780,7 +780,7 @@ def _load_torch_legacy(path: PathLike) -> Any:
         position = stream.tell()
         for key in keys:
             storage = dry._storages.get(key)
-            if storage is None or storage.element is None or storage.element.raw is None:
+            if storage is None or storage.element is None:
                 raise _error(path, f"storage {key!r} is listed but not used by any tensor")
             if position + 8 > len(mm):
                 raise _error(path, "file ends inside the storage data (truncated download?)")
@@ -1052,8 +1052,12 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint", strip_prefix: bool =
             f"{source}: no tensors found (top-level keys: {[str(k) for k in list(current)[:10]]})"
         )
     if strip_prefix and all(k.startswith(_DDP_PREFIX) for k in tensors):
-        tensors = {k[len(_DDP_PREFIX):]: v for k, v in tensors.items()}
+        tensors = _strip_ddp_prefix(tensors)
     return tensors
+
+
+def _strip_ddp_prefix(tensors: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    return {k[len(_DDP_PREFIX):] if k.startswith(_DDP_PREFIX) else k: v for k, v in tensors.items()}
 
 
 def _read_index(path: str) -> Dict[str, List[str]]:
@@ -1091,7 +1095,7 @@ def _iter_index(path: str) -> Iterator[Dict[str, np.ndarray]]:
         if missing:
             raise _error(shard_path, f"the index places {missing[:10]} in this shard, but it does not contain them")
         if strip:
-            tensors = {k[len(_DDP_PREFIX):] if k.startswith(_DDP_PREFIX) else k: v for k, v in tensors.items()}
+            tensors = _strip_ddp_prefix(tensors)
         yield tensors
 
 
@@ -1148,12 +1152,13 @@ def _safetensors_payload(
         if not isinstance(name, str) or not name or name == "__metadata__":
             raise _error(path, f"invalid tensor name {name!r}")
         array = np.asarray(value)
+        native = array.dtype.newbyteorder("=")
         if name in bfloat16:
             if array.dtype != np.uint16:
                 raise _error(path, f"bfloat16 tensor {name!r} must be given as uint16 bits (see to_bfloat16_bits), got {array.dtype}")
             code = "BF16"
-        elif array.dtype.newbyteorder("=") in _NUMPY_TO_SAFETENSORS:
-            code = _NUMPY_TO_SAFETENSORS[array.dtype.newbyteorder("=")]
+        elif native in _NUMPY_TO_SAFETENSORS:
+            code = _NUMPY_TO_SAFETENSORS[native]
         else:
             raise _error(
                 path,

@@ -25,7 +25,7 @@ from ..models.config import CLIPConfig
 from .checkpoint import iter_checkpoint_shards, save_safetensors, to_bfloat16_bits
 from .convert import ConversionError, convert_state_dict, detect_layout
 from .download import file_sha256
-from .loading import WeightLoadError
+from .loading import WeightLoadError, _mismatch_summary
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +108,11 @@ def convert_weights(
             out[name] = _cast(name, value, dtype, bf16_names)
     missing = sorted(set(expected) - set(out))
     if missing or unexpected or wrong_shape:
-        parts = [f"{label} {items[:20]}{' ...' if len(items) > 20 else ''}" for label, items in
-                 (("missing weights", missing), ("unexpected weights", sorted(unexpected)),
-                  ("shape mismatches", wrong_shape)) if items]
+        problems = _mismatch_summary(
+            ("missing weights", missing), ("unexpected weights", sorted(unexpected)), ("shape mismatches", wrong_shape)
+        )
         raise WeightLoadError(
-            f"{source} does not match the model config ({'; '.join(parts)}). "
+            f"{source} does not match the model config ({problems}). "
             "Check that --model names the architecture these weights were trained with."
         )
     if layout is None:

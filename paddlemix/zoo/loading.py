@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Set, Union
+from typing import Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import paddle
@@ -26,6 +26,11 @@ __all__ = ["load_checkpoint", "load_state_dict_into", "WeightLoadError"]
 
 class WeightLoadError(ValueError):
     """Missing, unexpected or mis-shaped weights."""
+
+
+def _mismatch_summary(*labelled: Tuple[str, List[str]]) -> str:
+    """``label [first 20 names] ...`` for each non-empty list of names, joined by ``; ``."""
+    return "; ".join(f"{label} {names[:20]}{' ...' if len(names) > 20 else ''}" for label, names in labelled if names)
 
 
 def _target_tensors(model: paddle.nn.Layer) -> Dict[str, paddle.Tensor]:
@@ -58,9 +63,8 @@ def load_state_dict_into(
     for shard in shards:
         if not shard:
             continue
-        shard_layout = layout or detect_layout(shard)
-        layout = layout or shard_layout
-        converted = convert_state_dict(shard, shard_layout)
+        layout = layout or detect_layout(shard)
+        converted = convert_state_dict(shard, layout)
         del shard
         for name, value in converted.items():
             if name not in targets:
@@ -75,13 +79,9 @@ def load_state_dict_into(
         del converted
     missing = sorted(set(targets) - loaded)
     if unexpected or missing:
-        parts = []
-        if missing:
-            parts.append(f"missing weights {missing[:20]}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected weights {sorted(unexpected)[:20]}{' ...' if len(unexpected) > 20 else ''}")
+        problems = _mismatch_summary(("missing weights", missing), ("unexpected weights", sorted(unexpected)))
         raise WeightLoadError(
-            f"{source} does not match the model ({'; '.join(parts)}). "
+            f"{source} does not match the model ({problems}). "
             "Check that the model config is the one these weights were trained with."
         )
     logger.info("loaded %d tensors from %s (%s layout)", len(loaded), source, layout)

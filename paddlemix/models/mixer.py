@@ -25,11 +25,21 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from paddle.distributed.fleet.utils import recompute
 
 from .config import ConfigError, TextCfg, VisionCfg
 from .layers import GELU, DropPath, LayerNorm, Mlp
-from .transformer import TextTransformer, VisionTransformer, to_2tuple
+from .transformer import (
+    TextTransformer,
+    VisionTransformer,
+    _drop_path_rates,
+    _lock_groups,
+    _normal,
+    _projection,
+    _run_blocks,
+    _text_projection,
+    _tower_output,
+    to_2tuple,
+)
 
 __all__ = [
     "TokenMixingMlp",
@@ -43,10 +53,6 @@ __all__ = [
 ]
 
 BLOCK_TYPES = ("attention", "mixer")
-
-
-def _normal(std: float) -> paddle.ParamAttr:
-    return paddle.ParamAttr(initializer=nn.initializer.Normal(std=std))
 
 
 def made_masks(num_tokens: int, hidden_dim: int) -> "tuple[np.ndarray, np.ndarray]":
@@ -142,7 +148,7 @@ class MixerStack(nn.Layer):
         self.width = width
         self.layers = layers
         self.grad_checkpointing = False
-        rates = [drop_path_rate * i / max(layers - 1, 1) for i in range(layers)]
+        rates = _drop_path_rates(drop_path_rate, layers)
         self.blocks = nn.LayerList(
             [
                 MixerBlock(width, num_tokens, token_dim, channel_dim, act_layer, norm_layer, causal, rates[i])
@@ -171,18 +177,7 @@ class MixerStack(nn.Layer):
                 nn.initializer.Constant(0.0)(fc.bias)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training and not x.stop_gradient:
-                x = recompute(blk, x)
-            else:
-                x = blk(x)
-        return x
-
-
-def _unfreeze(items: Sequence) -> None:
-    for item in items:
-        for p in [item] if isinstance(item, paddle.Tensor) else item.parameters():
-            p.stop_gradient = False
+        return _run_blocks(self, x)
 
 
 class MixerVisionTower(nn.Layer):
@@ -227,23 +222,16 @@ class MixerVisionTower(nn.Layer):
             width, layers, self.num_tokens, token_dim, channel_dim, act_layer, norm_layer, False, drop_path_rate
         )
         self.norm = norm_layer(width)
-        self.head = nn.Linear(
-            width, output_dim, weight_attr=_normal(width**-0.5), bias_attr=None if proj_bias else False
-        )
+        self.head = _projection(width, output_dim, width**-0.5, proj_bias)
 
     set_grad_checkpointing = VisionTransformer.set_grad_checkpointing
 
     def lock(self, unlocked_groups: int = 0) -> None:
         """Freeze for LiT; groups first to last: stem, each block but the last, last block + norm, head."""
-        for p in self.parameters():
-            p.stop_gradient = True
-        if unlocked_groups <= 0:
-            return
         blocks = list(self.transformer.blocks)
         groups: List[List] = [[self.patch_embed]] + [[b] for b in blocks[:-1]]
         groups += [[blocks[-1], self.norm], [self.head]]
-        for group in groups[-unlocked_groups:]:
-            _unfreeze(group)
+        _lock_groups(self, groups, unlocked_groups)
 
     def forward(self, x: paddle.Tensor):
         if tuple(x.shape[-2:]) != self.image_size:
@@ -254,10 +242,7 @@ class MixerVisionTower(nn.Layer):
         x = self.patch_embed(x).flatten(2).transpose([0, 2, 1])  # [B, N, C]
         x = self.norm(self.transformer(x))
         pooled = x.mean(axis=1) if self.pool_type == "avg" else x
-        pooled = self.head(pooled)
-        if self.output_tokens:
-            return pooled, x
-        return pooled
+        return _tower_output(pooled, x, self.head, self.output_tokens)
 
 
 class MixerTextTower(nn.Layer):
@@ -304,12 +289,7 @@ class MixerTextTower(nn.Layer):
         self.token_embedding = nn.Embedding(vocab_size, width, weight_attr=_normal(0.02))
         self.transformer = MixerStack(width, layers, context_length, token_dim, channel_dim, act_layer, norm_layer, causal)
         self.ln_final = norm_layer(width)
-        if proj_type == "none" or not output_dim:
-            self.text_projection = None
-        else:
-            self.text_projection = nn.Linear(
-                width, output_dim, weight_attr=_normal(width**-0.5), bias_attr=None if proj_bias else False
-            )
+        self.text_projection = _text_projection(width, output_dim, proj_type, proj_bias)
 
     # Same attribute names as the text transformer, so its freezing, checkpointing and pooling apply.
     set_grad_checkpointing = TextTransformer.set_grad_checkpointing
@@ -327,12 +307,7 @@ class MixerTextTower(nn.Layer):
             pad = paddle.full([B, self.context_length - L], self.pad_id, dtype=text.dtype)
             text = paddle.concat([text, pad], axis=1)
         x = self.ln_final(self.transformer(self.token_embedding(text)))
-        pooled = self._pool(x, text)
-        if self.text_projection is not None:
-            pooled = self.text_projection(pooled)
-        if self.output_tokens:
-            return pooled, x[:, :L]
-        return pooled
+        return _tower_output(self._pool(x, text), x[:, :L], self.text_projection, self.output_tokens)
 
 
 def _check_mixer_cfg(cfg: Union[VisionCfg, TextCfg], unsupported: dict) -> None:

@@ -41,6 +41,60 @@ def _normal(std: float) -> paddle.ParamAttr:
     return paddle.ParamAttr(initializer=nn.initializer.Normal(std=std))
 
 
+# Helpers shared with the Mixer towers (mixer.py), which keep these towers' layout.
+
+
+def _projection(in_dim: int, out_dim: int, std: float, bias: bool) -> nn.Linear:
+    """A tower's output projection: normal(``std``) weights, a bias only if asked."""
+    return nn.Linear(in_dim, out_dim, weight_attr=_normal(std), bias_attr=None if bias else False)
+
+
+def _text_projection(width: int, output_dim: Optional[int], proj_type: str, proj_bias: bool) -> Optional[nn.Linear]:
+    if proj_type == "none" or not output_dim:
+        return None
+    return _projection(width, output_dim, width**-0.5, proj_bias)
+
+
+def _tower_output(pooled: paddle.Tensor, tokens: paddle.Tensor, proj: Optional[nn.Layer], output_tokens: bool):
+    """Project the pooled features; return the tokens too when the tower was asked for them."""
+    if proj is not None:
+        pooled = proj(pooled)
+    if output_tokens:
+        return pooled, tokens
+    return pooled
+
+
+def _drop_path_rates(drop_path_rate: float, layers: int) -> List[float]:
+    """Stochastic depth rising linearly from 0 at the first block to ``drop_path_rate`` at the last."""
+    return [drop_path_rate * i / max(layers - 1, 1) for i in range(layers)]
+
+
+def _run_blocks(stack: nn.Layer, x: paddle.Tensor, *args) -> paddle.Tensor:
+    """``stack.blocks`` in order, each recomputed in backward under ``stack.grad_checkpointing``."""
+    for blk in stack.blocks:
+        if stack.grad_checkpointing and stack.training and not x.stop_gradient:
+            x = recompute(blk, x, *args)
+        else:
+            x = blk(x, *args)
+    return x
+
+
+def _unfreeze(items: Sequence) -> None:
+    """Make the parameters of each item (a layer or a parameter) trainable."""
+    for item in items:
+        for p in [item] if isinstance(item, paddle.Tensor) else item.parameters():
+            p.stop_gradient = False
+
+
+def _lock_groups(tower: nn.Layer, groups: Sequence[Sequence], unlocked_groups: int) -> None:
+    """Freeze ``tower``, then unfreeze the last ``unlocked_groups`` of ``groups`` (LiT)."""
+    for p in tower.parameters():
+        p.stop_gradient = True
+    if unlocked_groups > 0:
+        for group in groups[-unlocked_groups:]:
+            _unfreeze(group)
+
+
 class Block(nn.Layer):
     """Residual attention + MLP block.
 
@@ -114,7 +168,7 @@ class Transformer(nn.Layer):
         self.width = width
         self.layers = layers
         self.grad_checkpointing = False
-        rates = [drop_path_rate * i / max(layers - 1, 1) for i in range(layers)]
+        rates = _drop_path_rates(drop_path_rate, layers)
         self.blocks = nn.LayerList(
             [
                 Block(
@@ -136,12 +190,7 @@ class Transformer(nn.Layer):
         )
 
     def forward(self, x, attn_mask=None, rope=None, rope_index=None):
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training and not x.stop_gradient:
-                x = recompute(blk, x, attn_mask, rope, rope_index)
-            else:
-                x = blk(x, attn_mask, rope, rope_index)
-        return x
+        return _run_blocks(self, x, attn_mask, rope, rope_index)
 
 
 class VisionTransformer(nn.Layer):
@@ -242,7 +291,7 @@ class VisionTransformer(nn.Layer):
             self.attn_pool = None
             pool_dim = width
         self.norm = norm_layer(pool_dim)
-        self.head = nn.Linear(pool_dim, output_dim, weight_attr=_normal(scale), bias_attr=None if proj_bias else False)
+        self.head = _projection(pool_dim, output_dim, scale, proj_bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
@@ -253,20 +302,12 @@ class VisionTransformer(nn.Layer):
         Groups, first to last: embeddings (+ pre-norm), each block but the last, the last
         block with the final norm, the projection head (open_clip's grouping).
         """
-        for p in self.parameters():
-            p.stop_gradient = True
-        if unlocked_groups <= 0:
-            return
         blocks = list(self.transformer.blocks)
         groups: List[List] = [[self.patch_embed, self.class_embedding, self.positional_embedding, self.norm_pre]]
         groups += [[b] for b in blocks[:-1]]
         groups += [[blocks[-1], self.norm] + ([self.attn_pool] if self.attn_pool is not None else [])]
         groups += [[self.head]]
-        for group in groups[-unlocked_groups:]:
-            for item in group:
-                params = [item] if isinstance(item, paddle.Tensor) else item.parameters()
-                for p in params:
-                    p.stop_gradient = False
+        _lock_groups(self, groups, unlocked_groups)
         # A fixed sin-cos table is never trained, locked or not.
         if self.pos_embed_fixed:
             self.positional_embedding.stop_gradient = True
@@ -327,10 +368,7 @@ class VisionTransformer(nn.Layer):
         x, keep = self.embed(x)
         x = self.transformer(x, rope=self.rope, rope_index=keep)
         pooled, tokens = self.pool(x)
-        pooled = self.head(pooled)
-        if self.output_tokens:
-            return pooled, tokens
-        return pooled
+        return _tower_output(pooled, tokens, self.head, self.output_tokens)
 
 
 def _gather_rows(x: paddle.Tensor, index: paddle.Tensor) -> paddle.Tensor:
@@ -408,12 +446,7 @@ class TextTransformer(nn.Layer):
         else:
             mask = paddle.triu(paddle.full([self.num_pos, self.num_pos], float("-inf")), 1)
             self.register_buffer("attn_mask", mask, persistable=False)
-        if proj_type == "none" or not output_dim:
-            self.text_projection = None
-        else:
-            self.text_projection = nn.Linear(
-                width, output_dim, weight_attr=_normal(width**-0.5), bias_attr=None if proj_bias else False
-            )
+        self.text_projection = _text_projection(width, output_dim, proj_type, proj_bias)
         self._init_blocks()
 
     def _init_blocks(self) -> None:
@@ -439,9 +472,7 @@ class TextTransformer(nn.Layer):
         trainable: List = list(self.transformer.blocks)[-unlocked_layers:] + [self.ln_final]
         if self.text_projection is not None:
             trainable.append(self.text_projection)
-        for layer in trainable:
-            for p in layer.parameters():
-                p.stop_gradient = False
+        _unfreeze(trainable)
 
     def _mask(self, text: paddle.Tensor, seq_len: int, dtype) -> Optional[paddle.Tensor]:
         mask = None if self.attn_mask is None else self.attn_mask[:seq_len, :seq_len].astype(dtype)
@@ -470,11 +501,7 @@ class TextTransformer(nn.Layer):
         else:
             x = self.ln_final(x)
             pooled, tokens = self._pool(x, text), x
-        if self.text_projection is not None:
-            pooled = self.text_projection(pooled)
-        if self.output_tokens:
-            return pooled, tokens
-        return pooled
+        return _tower_output(pooled, tokens, self.text_projection, self.output_tokens)
 
     def _pool(self, x: paddle.Tensor, text: paddle.Tensor) -> paddle.Tensor:
         if self.pool_type == "first":

@@ -1,5 +1,5 @@
 """Real multi-process evaluation: ``paddle.distributed.launch --nproc_per_node 2`` on CPU (gloo) gives
-the same results.json as one process. Slow (two Paddle start-ups plus the launcher): ``-m slow``.
+the same results.jsonl as one process. Slow (two Paddle start-ups plus the launcher): ``-m slow``.
 The in-process simulation of the split runs in the default suite (test_eval_zero_shot / _retrieval)."""
 import importlib.util
 import json
@@ -39,8 +39,8 @@ def test_two_process_launch_matches_single_process(tmp_path):
                          capture_output=True, text=True, timeout=400)
     logs = "".join(p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "logs").glob("workerlog.*")))
     assert res.returncode == 0, res.stderr[-3000:] + logs
-    single = json.loads((tmp_path / "single" / "results.json").read_text())
-    dist = json.loads((tmp_path / "dist" / "results.json").read_text())
+    single = [json.loads(line) for line in (tmp_path / "single" / "results.jsonl").read_text().splitlines()]
+    dist = [json.loads(line) for line in (tmp_path / "dist" / "results.jsonl").read_text().splitlines()]
     assert [r["task"] for r in dist] == ["zeroshot_classification", "zeroshot_retrieval", "sts"]
     for a, b in zip(single, dist):
         assert _flat(a["metrics"]) == pytest.approx(_flat(b["metrics"]), abs=1e-6), (a, b)

@@ -124,7 +124,7 @@ def test_cli_retrieval_and_sts(tiny, karpathy, tmp_path):
     out = tmp_path / "out"
     assert eval_main(["--model", str(model_dir), "--retrieval_eval", str(karpathy), "--sts_eval", str(sts_file),
                       "--output_dir", str(out), "--dataloader_num_workers", "0", "--disable_tqdm"]) == 0
-    records = json.loads((out / "results.json").read_text())
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["dataset"], r["task"]) for r in records] == [("karpathy_test", "zeroshot_retrieval"), ("sts", "sts")]
     ds = RetrievalDataset(karpathy, transform=image_transform(32, is_train=False, output="numpy"))
     direct = retrieval.evaluate_retrieval(model, tok, ds, progress=False)

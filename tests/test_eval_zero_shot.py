@@ -152,7 +152,7 @@ def test_run_zero_shot_eval_end_to_end(tiny, evalset_dir, tmp_path, caplog):
             "--per_device_eval_batch_size", "5", "--dataloader_num_workers", "2", "--disable_tqdm"]
     with caplog.at_level(logging.INFO, logger="paddlemix.eval"):
         assert eval_main(args) == 0
-    records = json.loads((out / "results.json").read_text())
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 1
     rec = records[0]
     assert rec["dataset"] == evalset_dir.name and rec["task"] == "zeroshot_classification"
@@ -175,7 +175,7 @@ def test_run_zero_shot_eval_end_to_end(tiny, evalset_dir, tmp_path, caplog):
     assert len(cached) == 1
     args[args.index("--dataloader_num_workers") + 1] = "0"
     assert eval_main(args) == 0
-    assert json.loads((out / "results.json").read_text()) == records
+    assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == records
 
 
 def test_classifier_cache_key_and_reuse(tiny, evalset_dir, tmp_path, monkeypatch, caplog):
@@ -350,5 +350,5 @@ def test_classification_eval_demo_keyword(tiny, tmp_path, monkeypatch):
     assert eval_main(["--model", str(model_dir), "--classification_eval", "demo", "--data_root", str(tmp_path / "d"),
                       "--output_dir", str(out), "--dataloader_num_workers", "0", "--disable_tqdm"]) == 0
     assert calls == [str(tmp_path / "d")]
-    (rec,) = json.loads((out / "results.json").read_text())
+    (rec,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert rec["dataset"] == "demo" and rec["metrics"]["num_classes"] == 16 and rec["metrics"]["num_samples"] == 16

@@ -4,17 +4,72 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .common import atomic_write
 
-__all__ = ["format_table", "make_record", "write_results"]
+__all__ = [
+    "format_table",
+    "make_record",
+    "read_records",
+    "record_filename",
+    "write_evaluation_files",
+    "write_results",
+]
+
+# The keys CLIP_benchmark's ``eval`` writes and its ``build`` reads.
+RECORD_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
 
 
-def make_record(dataset: str, task: str, metrics: Dict[str, Any], model: str, pretrained: Optional[str]) -> Dict[str, Any]:
-    """One result in CLIP_benchmark's schema: ``{"dataset", "model", "pretrained", "task", "metrics"}``."""
-    return {"dataset": dataset, "model": model, "pretrained": pretrained or "", "task": task, "metrics": metrics}
+def make_record(dataset: str, task: str, metrics: Dict[str, Any], model: str, pretrained: Optional[str],
+                language: str = "en") -> Dict[str, Any]:
+    """One result in CLIP_benchmark's schema: ``{"dataset", "model", "pretrained", "task", "metrics", "language"}``."""
+    return {"dataset": dataset, "model": model, "pretrained": pretrained or "", "task": task, "metrics": metrics,
+            "language": language}
+
+
+def _slug(text: str) -> str:
+    # CLIP_benchmark names its files from slugs of the model, checkpoint and dataset; a path keeps its basename.
+    text = os.path.basename(str(text).rstrip("/\\")) or str(text)
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "none"
+
+
+def record_filename(record: Dict[str, Any]) -> str:
+    """CLIP_benchmark's default output name, ``{dataset}_{pretrained}_{model}_{language}_{task}.json``."""
+    parts = (record["dataset"], record.get("pretrained") or "none", record["model"], record.get("language", "en"),
+             record["task"])
+    return "_".join(_slug(p) for p in parts) + ".json"
+
+
+def write_evaluation_files(records: Sequence[Dict[str, Any]], output_dir: Union[str, os.PathLike]) -> List[Path]:
+    """One CLIP_benchmark-style JSON per evaluation, plus ``results.jsonl`` with all of them.
+
+    ``clip_benchmark build OUTPUT_DIR/*.json`` merges the per-evaluation files into one CSV (one
+    row each); the combined file is JSON lines so that glob does not pick it up.
+    """
+    output_dir = Path(output_dir)
+    paths = []
+    for rec in records:
+        text = json.dumps(_json_safe(rec), indent=2, allow_nan=False) + "\n"
+        paths.append(atomic_write(output_dir / record_filename(rec), lambda f, t=text: f.write(t.encode("utf-8"))))
+    lines = "".join(json.dumps(_json_safe(rec), allow_nan=False) + "\n" for rec in records)
+    paths.append(atomic_write(output_dir / "results.jsonl", lambda f: f.write(lines.encode("utf-8"))))
+    return paths
+
+
+def read_records(output_dir: Union[str, os.PathLike]) -> List[Dict[str, Any]]:
+    """The per-evaluation records in a folder (its ``*.json`` files in CLIP_benchmark's shape), by file name."""
+    records = []
+    for path in sorted(Path(output_dir).glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and all(k in data for k in ("dataset", "task", "metrics")):
+            records.append(data)
+    return records
 
 
 def _json_safe(value: Any) -> Any:

@@ -17,8 +17,9 @@ import paddle
 
 from ..factory import create_model_and_transforms, get_tokenizer
 from .datasets import RetrievalDataset, load_classification_eval
-from .report import format_table, make_record, write_results
-from .retrieval import evaluate_retrieval
+from .pages import render_reports, save_classification, save_retrieval
+from .report import format_table, make_record, write_evaluation_files
+from .retrieval import evaluate_retrieval, retrieval_features, retrieval_rankings
 from .sts import evaluate_sts
 from .zero_shot import check_cache_dir, evaluate_zero_shot
 
@@ -53,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     amp.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--fp16_opt_level", choices=("O1", "O2"), default="O1",
                    help="O1: fp32 weights under autocast; O2: weights cast to fp16/bf16")
-    p.add_argument("--output_dir", default=None, help="where results.json (and the classifier cache) go")
+    p.add_argument("--output_dir", default=None,
+                   help="where the results go: one CLIP_benchmark-style JSON per evaluation, results.jsonl, "
+                        "report.html / retrieval.html with their plots and saved predictions, the classifier cache")
+    p.add_argument("--no_report", action="store_true",
+                   help="write only the JSON results: no predictions, thumbnails, plots or HTML pages")
     p.add_argument("--classifier_cache_dir", default=None,
                    help="cache zero-shot classifiers here (default: OUTPUT_DIR/classifier_cache)")
     p.add_argument("--no_classifier_cache", action="store_true", help="always rebuild the classifier")
@@ -92,6 +97,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
             cache_dir = Path(args.output_dir) / "classifier_cache"
 
     records = []
+    save = rank == 0 and bool(args.output_dir) and not args.no_report
     for path in args.classification_eval:
         is_demo = path == "demo"
         if is_demo:
@@ -105,14 +111,21 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
             check_cache_dir(cache_dir, evalset.root)
         logger.info("zero-shot classification on %s: %d images, %d classes, %d templates",
                     evalset.name, len(evalset.dataset), len(evalset.classnames), len(evalset.templates))
-        metrics = evaluate_zero_shot(model, tokenizer, evalset.dataset, evalset.classnames, evalset.templates,
-                                     num_workers=args.dataloader_num_workers, cache_dir=cache_dir, **common)
+        metrics, predictions = evaluate_zero_shot(
+            model, tokenizer, evalset.dataset, evalset.classnames, evalset.templates,
+            num_workers=args.dataloader_num_workers, cache_dir=cache_dir, return_predictions=True, **common)
         records.append(make_record(evalset.name, "zeroshot_classification", metrics, args.model, args.pretrained))
+        if save:
+            save_classification(args.output_dir, records[-1], predictions, evalset.classnames, evalset.dataset)
     for path in args.retrieval_eval:
         dataset = RetrievalDataset(path, args.retrieval_image_root, preprocess)
         logger.info("zero-shot retrieval on %s: %d images, %d captions", path, len(dataset), len(dataset.texts))
-        metrics = evaluate_retrieval(model, tokenizer, dataset, num_workers=args.dataloader_num_workers, **common)
+        features = retrieval_features(model, tokenizer, dataset, num_workers=args.dataloader_num_workers, **common)
+        metrics = evaluate_retrieval(model, tokenizer, dataset, features=features)
         records.append(make_record(Path(path).stem, "zeroshot_retrieval", metrics, args.model, args.pretrained))
+        if save:
+            rankings = retrieval_rankings(features["image_features"], features["text_features"], dataset.text_to_image)
+            save_retrieval(args.output_dir, records[-1], rankings, dataset)
     if args.sts_eval:
         metrics = evaluate_sts(model, tokenizer, args.sts_eval, **common)
         records.append(make_record("sts", "sts", metrics, args.model, args.pretrained))
@@ -120,8 +133,10 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     if rank == 0:
         logger.info("results:\n%s", format_table(records))
         if args.output_dir:
-            path = write_results(records, args.output_dir)
-            logger.info("wrote %s", path)
+            for path in write_evaluation_files(records, args.output_dir):
+                logger.info("wrote %s", path)
+            if not args.no_report:
+                render_reports(args.output_dir, records)
     return records
 
 

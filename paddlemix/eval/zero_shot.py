@@ -212,8 +212,13 @@ def evaluate_zero_shot(
     distributed: Optional[bool] = None,
     progress: bool = True,
     classifier: Optional[Any] = None,
-) -> Dict[str, Any]:
-    """Build the classifier (unless given) and return CLIP_benchmark's metrics plus sample/class counts."""
+    return_predictions: bool = False,
+):
+    """Build the classifier (unless given) and return CLIP_benchmark's metrics plus sample/class counts.
+
+    With ``return_predictions`` the result is ``(metrics, predictions)``, the latter as
+    ``zero_shot_predictions`` returns it (what a report needs to draw per-class plots).
+    """
     if classifier is None:
         classifier = build_zero_shot_classifier(
             model, tokenizer, classnames, templates, batch_size=max(batch_size, 1) * 4, precision=precision,
@@ -226,4 +231,4 @@ def evaluate_zero_shot(
     metrics: Dict[str, Any] = summarize_classification(pred["correct@1"], pred["correct@5"], pred["labels"], len(classnames))
     metrics["num_samples"] = int(len(pred["labels"]))
     metrics["num_classes"] = len(classnames)
-    return metrics
+    return (metrics, pred) if return_predictions else metrics

@@ -13,6 +13,7 @@ from paddlenlp.trainer import PdArgumentParser, set_seed
 from ..data.sources import build_train_dataset
 from ..data.transforms import image_transform
 from ..factory import create_model, get_model_preprocess_cfg, get_tokenizer
+from .reporting import write_train_curves
 from .trainer import CLIPTrainer, DataArguments, ModelArguments, PreTrainingArguments, collate_batch, data_world
 
 logger = logging.getLogger(__name__)
@@ -163,5 +164,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Pre
     if trainer.is_world_process_zero():
         out = Path(training_args.output_dir) / "train_results.json"
         out.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        write_train_curves(training_args.output_dir)  # again, now with the final evaluation
         logger.info("results: %s", json.dumps(metrics, sort_keys=True))
     return metrics

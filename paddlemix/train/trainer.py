@@ -23,6 +23,7 @@ from paddlenlp.trainer import Trainer, TrainerCallback, TrainingArguments
 from .checkpointing import staged_checkpoint
 from .loss import ClipLoss, SigLipLoss
 from .optim import build_optimizer, cosine_with_warmup
+from .reporting import install_reporting, training_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -179,12 +180,12 @@ class CLIPTrainer(Trainer):
             )
         self.eval_fn = eval_fn
         self.skip_counters = list(skip_counters)
-        self._last_scale = None
         self._tic = time.perf_counter()
         self._samples = 0
         self.add_callback(_ClampLogitScale(self))
         if hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(_SetEpoch(self.train_dataset))
+        install_reporting(self)
 
     def get_train_dataloader(self):
         """Streaming sources split themselves over ranks and workers; don't shard them again."""
@@ -276,7 +277,6 @@ class CLIPTrainer(Trainer):
             loss = self.loss_fn(image_features, text_features, scale, out[3])
         else:
             loss = self.loss_fn(image_features, text_features, scale)
-        self._last_scale = scale
         self._samples += inputs["image"].shape[0]
         return (loss, out) if return_outputs else loss
 
@@ -317,11 +317,7 @@ class CLIPTrainer(Trainer):
             world = dist.get_world_size() if dist.is_initialized() else 1
             logs["samples_per_second"] = round(self._samples * world / max(now - self._tic, 1e-9), 2)
             self._tic, self._samples = now, 0
-            if self._last_scale is not None:
-                logs["logit_scale"] = round(float(self._last_scale), 4)
-            skipped = sum(sum(c.counts.values()) for c in self.skip_counters if hasattr(c, "counts"))
-            if skipped:
-                logs["skipped_samples"] = skipped
+            logs.update(training_scalars(self.clip_model, self.skip_counters))
         if self.is_world_process_zero():
             # PaddleNLP keeps no log history; a JSON-lines file makes runs comparable afterwards.
             os.makedirs(self.args.output_dir, exist_ok=True)

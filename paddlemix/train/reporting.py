@@ -31,10 +31,10 @@ def training_scalars(model, skip_counters: Iterable[Any] = ()) -> Dict[str, floa
     out: Dict[str, float] = {}
     scale = getattr(model, "logit_scale", None)
     if scale is not None:
-        out["logit_scale"] = round(math.exp(float(scale)), 4)
+        out["logit_scale"] = round(math.exp(float(scale.item())), 4)
     bias = getattr(model, "logit_bias", None)
     if bias is not None:
-        out["logit_bias"] = round(float(bias), 4)
+        out["logit_bias"] = round(float(bias.item()), 4)
     counters = [c for c in skip_counters if c is not None and hasattr(c, "counts")]
     if counters:
         by_reason: Dict[str, int] = {}

@@ -240,10 +240,15 @@ def test_demo_retrieval_html_rows_and_thumbnails(demo_eval):
     t2i = re.search(r'<table class="t2i">(.*?)</table>', page, re.S).group(1)
     assert t2i.count("<tr>") == 1 + 8
     assert t2i.count('src="data:image/jpeg;base64,') == 8 * 5
-    assert t2i.count("&#10003; ground truth") == int((r["t2i_rank"][queries] < 5).sum())
+    gt = r["text_to_image"][queries]
+    assert t2i.count("&#10003; ground truth") == int((r["t2i_topk"][queries, :5] == gt[:, None]).any(1).sum())
+    assert t2i.count("ground truth ranked #") == 8
     i2t = re.search(r'<table class="i2t">(.*?)</table>', page, re.S).group(1)
     assert i2t.count("<tr>") == 1 + 6 and i2t.count('src="data:image/jpeg;base64,') == 6
     assert i2t.count("<li>") == 6 * 5
+    images = np.linspace(0, 23, 6).round().astype(int)
+    right = sum(int((r["text_to_image"][r["i2t_topk"][i, :5]] == i).sum()) for i in images)
+    assert i2t.count('<span class="ok">&#10003;</span>') == right
     _png(ret / "recall_at_k.png", (500, 340))
 
 

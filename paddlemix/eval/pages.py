@@ -20,6 +20,7 @@ import html
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -145,7 +146,9 @@ def _sample_name(dataset, index: int) -> str:
 
 def _write_thumbs(folder: Path, dataset, indices: Sequence[int]) -> int:
     thumbs = folder / "thumbs"
-    thumbs.mkdir(parents=True, exist_ok=True)
+    if thumbs.is_dir():  # a previous evaluation's pictures would show up under the wrong predictions
+        shutil.rmtree(thumbs)
+    thumbs.mkdir(parents=True)
     written = 0
     for i in indices:
         img = _original_image(dataset, int(i))
@@ -334,6 +337,15 @@ def _render_classification(output_dir: Path, records: Sequence[Dict[str, Any]], 
 # ----------------------------------------------------------------------------- retrieval report
 
 
+def _rank_note(rank: int, shown_at: np.ndarray, what: str) -> str:
+    """Where the right answer ranks; ranks count equal scores against it, as recall@k does."""
+    css = "ok" if rank < TOP_SHOWN else "no"
+    note = f"{what} ranked #{rank + 1}"
+    if shown_at.size and int(shown_at[0]) != rank:
+        note += f" (shown at #{int(shown_at[0]) + 1}: items with an equal score count against it, as in recall@k)"
+    return f'<span class="{css}">{note}</span>'
+
+
 def _retrieval_section(output_dir: Path, record: Dict[str, Any], written: List[Path]) -> str:
     folder = eval_folder(output_dir, record)
     name = record["dataset"]
@@ -359,9 +371,8 @@ def _retrieval_section(output_dir: Path, record: Dict[str, Any], written: List[P
             mark = '<span class="ok">&#10003; ground truth</span>' if is_gt else "&nbsp;"
             figs.append(_figure(folder, int(j), [f"#{pos + 1} &middot; {s:.3f}", mark], css="gt" if is_gt else "",
                                 title=images[int(j)]))
-        r = int(rank["t2i_rank"][q])
-        note = (f'<span class="ok">found at #{r + 1}</span>' if r < TOP_SHOWN
-                else f'<span class="no">ground truth ranked #{r + 1}</span>')
+        shown_at = np.flatnonzero(rank["t2i_topk"][q, :TOP_SHOWN] == gt)
+        note = _rank_note(int(rank["t2i_rank"][q]), shown_at, "ground truth")
         rows.append(f"<tr><td>{_e(texts[q])}<br><span class=\"meta\">{note}</span></td><td>{''.join(figs)}</td></tr>")
     parts.append(f"<h3>Text &rarr; image: top {TOP_SHOWN} images for {len(queries)} captions</h3>"
                  '<p class="meta">green frame: the image the caption was written for</p>'
@@ -375,9 +386,8 @@ def _retrieval_section(output_dir: Path, record: Dict[str, Any], written: List[P
             ok = int(t2i[int(j)]) == int(i)
             mark = ' <span class="ok">&#10003;</span>' if ok else ""
             items.append(f"<li>{_e(texts[int(j)])} <span class=\"meta\">({s:.3f})</span>{mark}</li>")
-        r = int(rank["i2t_rank"][i])
-        note = (f'<span class="ok">first correct caption at #{r + 1}</span>' if r < TOP_SHOWN
-                else f'<span class="no">first correct caption ranked #{r + 1}</span>')
+        shown_at = np.flatnonzero(t2i[rank["i2t_topk"][i, :TOP_SHOWN]] == int(i))
+        note = _rank_note(int(rank["i2t_rank"][i]), shown_at, "first correct caption")
         fig = _figure(folder, int(i), [_e(Path(images[i]).name)], title=images[i])
         rows.append(f'<tr><td>{fig}</td><td><ol class="caps">{"".join(items)}</ol><span class="meta">{note}</span></td></tr>')
     parts.append(f"<h3>Image &rarr; text: top {TOP_SHOWN} captions for {len(sampled_images)} images</h3>"

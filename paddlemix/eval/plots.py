@@ -97,7 +97,11 @@ def plot_per_class_accuracy(acc: np.ndarray, counts: np.ndarray, classnames: Seq
         ax.set_title(subtitle, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
         for yi, v, i in zip(y, values, idx):
-            ax.text(min(v + 1, 88), yi, f"{v:.0f}% (n={int(counts[i])})", va="center", fontsize=7)
+            label = f"{v:.0f}% (n={int(counts[i])})"
+            if v > 75:  # inside the bar, where there is room
+                ax.text(v - 1, yi, label, va="center", ha="right", fontsize=7, color="white")
+            else:
+                ax.text(v + 1, yi, label, va="center", ha="left", fontsize=7)
     fig.suptitle(title or "Zero-shot top-1 accuracy per class")
     fig.tight_layout()
     return _save(fig, path)
@@ -247,7 +251,7 @@ def plot_train_curves(log_path: PathLike, path: PathLike, title: Optional[str] =
     got = [_series(ax, s, key, label, scale=100.0, marker="o", color=color)
            for key, label, color in (("eval_acc1", "top-1", "C4"), ("eval_acc5", "top-5", "C5"))]
     if any(got):
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 103)  # room for markers at 100%
         ax.legend(fontsize=8, loc="lower right")
     else:
         _empty(ax, "zero-shot evaluation")
@@ -264,6 +268,8 @@ def plot_train_curves(log_path: PathLike, path: PathLike, title: Optional[str] =
         ax.legend(fontsize=8, loc="upper left")
     elif not _series(ax, s, "skipped_samples", "skipped", color="C7"):
         _empty(ax, "skip count")
+    if not any(v for key in reasons + ["skipped_samples"] for _, v in s.get(key, [])):
+        ax.text(0.5, 0.5, "no samples skipped", ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
     ax.set_ylabel("skipped samples (cumulative, rank 0)")
     ax.set_title("skipped samples")

@@ -123,7 +123,10 @@ def test_cli_retrieval_and_sts(tiny, karpathy, tmp_path):
     sts_file = synthetic.write_sts_tsv(tmp_path / "stsb.tsv", header=True)
     out = tmp_path / "out"
     assert eval_main(["--model", str(model_dir), "--retrieval_eval", str(karpathy), "--sts_eval", str(sts_file),
-                      "--output_dir", str(out), "--dataloader_num_workers", "0", "--disable_tqdm"]) == 0
+                      "--output_dir", str(out), "--dataloader_num_workers", "0", "--disable_tqdm", "--no_report"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([  # --no_report: the JSON results only
+        f"karpathy_test_none_{model_dir.name}_en_zeroshot_retrieval.json", f"sts_none_{model_dir.name}_en_sts.json",
+        "results.jsonl"])
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["dataset"], r["task"]) for r in records] == [("karpathy_test", "zeroshot_retrieval"), ("sts", "sts")]
     ds = RetrievalDataset(karpathy, transform=image_transform(32, is_train=False, output="numpy"))

@@ -27,8 +27,9 @@ from .metrics import (
     top_k_accuracy,
     topk_correct,
 )
-from .report import format_table, make_record, write_results
-from .retrieval import evaluate_retrieval, retrieval_features
+from .pages import render_reports, save_classification, save_retrieval
+from .report import format_table, make_record, read_records, write_evaluation_files, write_results
+from .retrieval import evaluate_retrieval, retrieval_features, retrieval_rankings
 from .sts import evaluate_sts
 from .zero_shot import build_zero_shot_classifier, classifier_cache_key, evaluate_zero_shot, zero_shot_predictions
 
@@ -52,13 +53,19 @@ __all__ = [
     "load_classification_eval",
     "make_record",
     "mean_per_class_recall",
+    "read_records",
     "read_sts_tsv",
     "recall_at_k",
+    "render_reports",
     "retrieval_features",
     "retrieval_metrics",
+    "retrieval_rankings",
+    "save_classification",
+    "save_retrieval",
     "spearman",
     "top_k_accuracy",
     "topk_correct",
+    "write_evaluation_files",
     "write_results",
     "zero_shot_predictions",
 ]

@@ -425,3 +425,12 @@ def test_pages_render_in_headless_chromium(demo_eval, tmp_path, page):
     dom = _chromium_run(probe, tmp_path / "p2", "--dump-dom")
     body = re.search(r"<body[^>]*>", dom).group(0)
     assert f'data-images="{n_img}"' in body and f'data-decoded="{n_img}"' in body, body
+
+
+def test_report_cli_says_when_there_is_nothing_to_draw(tmp_path, caplog):
+    from paddlemix.report import main
+
+    assert main([str(tmp_path / "missing")]) == 2
+    (tmp_path / "config.json").write_text("{}")  # a model folder: not an evaluation record
+    assert main([str(tmp_path)]) == 1
+    assert "holds no train_log.jsonl and no evaluation results" in caplog.text

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 __all__ = [
     "TOP_BOTTOM",
@@ -219,6 +220,10 @@ def _log_if_wide(ax, series, key) -> None:
     values = [v for _, v in series.get(key, []) if v > 0]
     if values and max(values) / min(values) > 20:
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.2, 3, 40 rather than 2x10^-1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(plain)
 
 
 def plot_train_curves(log_path: PathLike, path: PathLike, title: Optional[str] = None) -> Path:

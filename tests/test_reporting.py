@@ -434,3 +434,30 @@ def test_report_cli_says_when_there_is_nothing_to_draw(tmp_path, caplog):
     (tmp_path / "config.json").write_text("{}")  # a model folder: not an evaluation record
     assert main([str(tmp_path)]) == 1
     assert "holds no train_log.jsonl and no evaluation results" in caplog.text
+
+
+def test_cifar_thumbnails_are_the_array_pictures(tmp_path):
+    """CIFAR keeps its pictures in one array: the thumbnails are those pixels (JPEG-close)."""
+    import importlib.util
+
+    from paddlemix.eval.datasets import CifarDataset
+
+    spec = importlib.util.spec_from_file_location("eval_synthetic", ROOT / "tests" / "fixtures" / "eval" / "synthetic.py")
+    synthetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(synthetic)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    images = np.zeros((20, 32, 32, 3), np.uint8)
+    images[:] = (np.arange(20)[:, None, None, None] * 12).astype(np.uint8)  # one flat grey level per picture
+    labels = np.arange(20) % 10
+    synthetic.write_cifar(tmp_path / "data", "cifar10", images, labels, names)
+    ds = CifarDataset(tmp_path / "data")
+    topk = (labels[:, None] + 1 + np.arange(5)[None, :]) % 10  # every top-1 wrong, true class not in the top 5
+    rec = make_record("cifar10", "zeroshot_classification", {"acc1": 0.0, "num_samples": 20, "num_classes": 10}, "m", None)
+    folder = pages.save_classification(tmp_path / "out", rec, {"labels": labels, "topk": topk}, names, ds)
+    shown = pages.misclassified_examples(labels, topk, 10)
+    assert len(shown) == pages.WORST_CLASSES and all(len(v) == 2 for v in shown.values())
+    for i in (i for idx in shown.values() for i in idx):
+        thumb = np.asarray(Image.open(folder / "thumbs" / f"{i:06d}.jpg").convert("RGB"), np.float32)
+        assert thumb.shape == (32, 32, 3) and np.abs(thumb - 12 * i).max() <= 2
+    with np.load(folder / "predictions.npz") as z:
+        assert list(z["sample_names"][:2]) == ["#0", "#1"]

@@ -53,7 +53,7 @@ _EVA_VISION = {
     "image_size": "image_size", "patch_size": "patch_size", "width": "width", "layers": "layers",
     "head_width": "head_width", "mlp_ratio": "mlp_ratio", "qkv_bias": "qkv_bias", "init_values": "ls_init_value",
     "rope": "rope", "pt_hw_seq_len": "pt_hw_seq_len", "intp_freq": "intp_freq", "naiveswiglu": "naiveswiglu",
-    "subln": "subln", "postnorm": "postnorm", "use_mean_pooling": "global_average_pool",
+    "subln": "subln", "postnorm": "postnorm",
 }
 _EVA_UNSUPPORTED = ("use_rel_pos_bias", "use_shared_rel_pos_bias", "attentional_pool")
 _TEXT = {
@@ -71,18 +71,27 @@ def _vision_cfg(vc: Dict[str, Any], eva: bool) -> Dict[str, Any]:
             raise ConversionError("PaddleMIX EVA vision config has subln without inner_attn_ln; not implemented")
         if vc.get("use_abs_pos_emb") is False:
             raise ConversionError("PaddleMIX EVA vision config has no absolute position embedding; not implemented")
-        _reject(vc, "EVA vision config", set(_EVA_VISION) | set(_EVA_UNSUPPORTED) | {"inner_attn_ln", "use_abs_pos_emb"})
+        _reject(vc, "EVA vision config",
+                set(_EVA_VISION) | set(_EVA_UNSUPPORTED) | {"inner_attn_ln", "use_abs_pos_emb", "use_mean_pooling"})
         out = _take(vc, _EVA_VISION)
         # The marker that selects the EVA tower; EVA-CLIP's configs carry the timm name here.
         out["eva_model_name"] = "eva-clip"
         out.setdefault("qkv_bias", False)  # PaddleMIX's EVA default, unlike the CLIP tower's
-        out.setdefault("global_average_pool", True)
-        return out
-    _reject(vc, "vision config", set(_CLIP_VISION) | {"global_average_pool"})
-    out = _take(vc, _CLIP_VISION)
-    if vc.get("global_average_pool"):
-        # PaddleMIX applies ln_post to the pooled vector, i.e. open_clip's final_ln_after_pool.
-        out.update(pool_type="avg", final_ln_after_pool=True)
+        mean_pool = vc.get("use_mean_pooling", True)  # PaddleMIX's default, unlike EVA-CLIP's
+        if vc.get("subln"):
+            # PaddleMIX builds the attention sub-LN and the plain MLP's with nn.LayerNorm's default eps;
+            # only SwiGLU receives the tower's 1e-6 norm.
+            out["attn_norm_eps"] = 1e-5
+            out["mlp_norm_eps"] = 1e-6 if vc.get("naiveswiglu") else 1e-5
+    else:
+        _reject(vc, "vision config", set(_CLIP_VISION) | {"global_average_pool"})
+        out = _take(vc, _CLIP_VISION)
+        mean_pool = bool(vc.get("global_average_pool"))
+    if mean_pool:
+        # PaddleMIX averages every token, the class token included, and norms the pooled vector.
+        out.update(pool_type="avg_all", final_ln_after_pool=True)
+    # PaddleMIX reads quick_gelu in its text tower only; its vision towers are built with nn.GELU.
+    out["quick_gelu"] = False
     return out
 
 
@@ -91,6 +100,7 @@ def _text_cfg(tc: Dict[str, Any]) -> Dict[str, Any]:
         raise ConversionError("PaddleMIX text config has embed_cls=True (CoCa); not a two-tower CLIP model")
     _reject(tc, "text config", set(_TEXT) | {"embed_cls", "quick_gelu"})
     out = _take(tc, _TEXT)
+    out["quick_gelu"] = bool(tc.get("quick_gelu", False))
     if tc.get("attn_mask") is False:
         out["no_causal_mask"] = True
     return out
@@ -114,7 +124,7 @@ def legacy_config_to_model_cfg(raw: Dict[str, Any]) -> Dict[str, Any]:
         raise ConversionError("PaddleMIX config has no integer embed_dim (looked at the top level, vision_cfg, text_cfg)")
     return {
         "embed_dim": embed_dim,
-        "quick_gelu": bool(tc.get("quick_gelu", False)),
+        "quick_gelu": False,  # set per tower above
         "vision_cfg": _vision_cfg(vc, eva=raw["model_type"] == "evaclip"),
         "text_cfg": _text_cfg(tc),
     }

@@ -441,13 +441,16 @@ def _convert_legacy_dir(path: Path, raw: Dict[str, Any]) -> Path:
     """A local PaddleMIX directory (its own config schema and .pdparams) as a paddlemix directory.
 
     Converted once into the cache, keeping the source's precision (a user's own fine-tuned
-    fp32 weights stay fp32); converted again when the source weights change (size or mtime).
+    fp32 weights stay fp32); converted again when the source weights change (size or mtime)
+    or the translated architecture does (an edited config.json, or a corrected translation).
     """
     weights = path / PADDLEMIX_FILES[1]
     if not weights.is_file():
         raise FileNotFoundError(f"PaddleMIX model directory {path} has no {PADDLEMIX_FILES[1]}")
     st = weights.stat()
-    stamp = {"path": str(weights.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    model_cfg = legacy_config_to_model_cfg(raw)
+    cfg_key = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()
+    stamp = {"path": str(weights.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model_cfg": cfg_key}
     out = _legacy_dir_target(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(out.with_name(out.name + ".lock"), str(path)):
@@ -455,7 +458,6 @@ def _convert_legacy_dir(path: Path, raw: Dict[str, Any]) -> Path:
             recorded = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8")).get("source", {})
             if all(recorded.get(k) == v for k, v in stamp.items()):
                 return out
-        model_cfg = legacy_config_to_model_cfg(raw)
         return write_model_dir(weights, model_cfg, out, dtype="keep", layout="paddlemix_legacy",
                                source={"source": "local PaddleMIX directory", **stamp}, overwrite=True)
 

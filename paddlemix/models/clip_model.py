@@ -187,8 +187,25 @@ class CLIP(PretrainedModel):
             self.logit_bias = None
         self.output_dict = False
 
-    def save_pretrained(self, save_dir: str, *args, safe_serialization: bool = True, **kwargs):
-        """PaddleNLP's save, defaulting to safetensors: weights others load should not be pickles."""
+    def save_pretrained(
+        self, save_dir: str, *args, safe_serialization: bool = True, layout: Optional[str] = None, **kwargs
+    ):
+        """PaddleNLP's save, defaulting to safetensors: weights others load should not be pickles.
+
+        ``layout="paddlemix"`` (or ``"paddlemix_legacy"``, the loaders' name for it) instead writes
+        PaddleMIX's own directory, ``config.json`` in its schema + ``model_state.pdparams`` under its
+        names, which PaddleMIX's ``CLIP`` / ``EVACLIP.from_pretrained`` read.
+        """
+        if layout in ("paddlemix", "paddlemix_legacy"):
+            from ..zoo.legacy import write_paddlemix_dir
+
+            if args or kwargs:
+                raise TypeError(f"layout={layout!r} takes no further save arguments, got {args} {sorted(kwargs)}")
+            model_cfg = dict(self.config.to_model_cfg(), custom_text=self.config.custom_text)
+            state = {name: t.numpy() for name, t in self.state_dict().items()}
+            return write_paddlemix_dir(state, model_cfg, save_dir, overwrite=True)
+        if layout is not None:
+            raise ValueError(f"layout must be None (this project's directory) or 'paddlemix', got {layout!r}")
         return super().save_pretrained(save_dir, *args, safe_serialization=safe_serialization, **kwargs)
 
     @classmethod

@@ -220,3 +220,21 @@ def test_convert_cli_writes_paddlemix_layout(tmp_path, capsys):
     assert raw["model_type"] == "clip" and raw["architectures"] == ["CLIP"] and raw["text_cfg"]["quick_gelu"] is True
     assert main(["--src", str(case / "model.safetensors"), "--model", str(case / "model_config.json"),
                  "--out", str(out), "--to", "paddlemix"]) == 1  # exists
+
+
+def test_zoo_entries_say_once_when_paddlemix_computes_otherwise(tmp_path, caplog, monkeypatch):
+    """DFN was trained with QuickGELU in both towers; the entry keeps that, and says PaddleMIX does not."""
+    from paddlemix.zoo import pretrained as zoo
+    from paddlemix.zoo.download import DownloadError
+
+    monkeypatch.setattr(zoo, "_NOTED", set())
+    assert zoo.paddlemix_numerics_note(zoo.default_registry().find("CLIP-ViT-B-32-laion2B-s34B-b79K")) is None
+    assert "1e-05 in PaddleMIX" in zoo.paddlemix_numerics_note(zoo.default_registry().find("EVA02-CLIP-L-14"))
+    with caplog.at_level("WARNING", logger="paddlemix.zoo.pretrained"):
+        for _ in range(2):
+            with pytest.raises(DownloadError):  # offline and not cached: the note comes before the fetch
+                zoo.resolve_pretrained("DFN2B-CLIP-ViT-B-16", offline=True, cache_dir=tmp_path)
+    assert caplog.text.count("DFN2B-CLIP-ViT-B-16 reproduces the original release") == 1
+    assert "vision activation: QuickGELU here, GELU in PaddleMIX" in caplog.text
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "PaddleMIX numerics: reproduces the original release" in readme

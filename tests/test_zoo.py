@@ -336,7 +336,7 @@ def test_readme_table_is_generated_from_the_registry():
     table = gen.render(json.loads(zoo.REGISTRY_FILE.read_text()))
     assert gen.updated_readme(readme, table) == readme, "run python tools/gen_model_table.py"
     assert table.count("\n| `") == 35
-    assert "| `DFN5B-CLIP-ViT-H-14-378` | `ViT-H-14-378-quickgelu` | `dfn5b` | 986.71 | 84.37 | 378 |" in table
+    assert "| `DFN5B-CLIP-ViT-H-14-378` [1] | `ViT-H-14-378-quickgelu` | `dfn5b` | 986.71 | 84.37 | 378 |" in table
 
 
 # ------------------------------------------------------------------- PaddleMIX's legacy layout

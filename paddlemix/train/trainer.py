@@ -43,8 +43,8 @@ class ModelArguments:
     lock_text_unlocked_layers: int = field(default=0, metadata={"help": "last text blocks left trainable"})
     pretrained_text_model: Optional[str] = field(
         default=None,
-        metadata={"help": "accepted for PaddleMIX command lines; the zero-shot classifier is always built "
-                          "from the text tower being trained"},
+        metadata={"help": "model whose text tower builds the zero-shot classifier (loaded once; its features "
+                          "are fixed); default: the text tower being trained"},
     )
 
 
@@ -161,7 +161,8 @@ class CLIPTrainer(Trainer):
 
     ``eval_fn(model) -> Dict[str, float]`` runs the zero-shot evaluation; it is called by
     ``evaluate()``, i.e. every ``eval_steps`` with ``--evaluation_strategy steps``, with the
-    classifier rebuilt from the current text tower each time.
+    classifier rebuilt from the current text tower each time (or fixed, from
+    ``--pretrained_text_model``).
     """
 
     def __init__(self, *args, eval_fn=None, skip_counters=(), **kwargs):

@@ -54,7 +54,10 @@ class DataArguments:
         default="demo",
         metadata={"help": "demo | coco_karpathy | a COCO .json | .jsonl/.csv | LAION filelist | tar shard pattern"},
     )
-    data_root: Optional[str] = field(default=None, metadata={"help": "dataset folder (coco_karpathy, demo)"})
+    data_root: Optional[str] = field(
+        default=None,
+        metadata={"help": "dataset folder (coco_karpathy: default $PADDLEMIX_HOME/datasets/coco, downloaded once; demo)"},
+    )
     image_root: Optional[str] = field(default=None, metadata={"help": "folder of relative image paths"})
     image_key: Optional[str] = field(default=None, metadata={"help": "JSONL/CSV image column"})
     caption_key: Optional[str] = field(default=None, metadata={"help": "JSONL/CSV/webdataset caption field"})

@@ -14,7 +14,9 @@ from test_zoo import features
 import paddlemix
 
 LEGACY = Path(__file__).parent / "fixtures" / "paddlemix_legacy"
-CASES = ["clip_vit_quickgelu", "eva01", "eva02_meanpool"]
+# The first three were made by the reference set's producer; the others by tools/gen_paddlemix_fixtures.py.
+CASES = ["clip_vit_quickgelu", "eva01", "eva02_meanpool", "clip_custom_text_gap", "eva02_class_token",
+         "eva_plain_mlp_subln"]
 TOL = 1e-4
 
 
@@ -59,6 +61,9 @@ def test_translation_is_explicit_config_fields():
         ("eva02_meanpool", {"pool_type": "avg"}),  # open_clip's patch-only average
         ("clip_vit_quickgelu", {"quick_gelu": True}),  # QuickGELU in the vision tower too
         ("eva02_meanpool", {"attn_norm_eps": 1e-6}),
+        ("clip_custom_text_gap", {"pool_type": "avg"}),
+        ("eva_plain_mlp_subln", {"mlp_norm_eps": 1e-6}),
+        ("eva_plain_mlp_subln", {"pool_type": "avg"}),
     ],
 )
 def test_each_field_matters(case, break_it, tmp_path):

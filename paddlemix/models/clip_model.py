@@ -201,7 +201,7 @@ class CLIP(PretrainedModel):
 
             if args or kwargs:
                 raise TypeError(f"layout={layout!r} takes no further save arguments, got {args} {sorted(kwargs)}")
-            model_cfg = dict(self.config.to_model_cfg(), custom_text=self.config.custom_text)
+            model_cfg = self.config.to_model_cfg()
             state = {name: t.numpy() for name, t in self.state_dict().items()}
             return write_paddlemix_dir(state, model_cfg, save_dir, overwrite=True)
         if layout is not None:

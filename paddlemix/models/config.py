@@ -238,4 +238,6 @@ class CLIPConfig(PretrainedConfig):
             out["init_logit_bias"] = self.init_logit_bias
         if self.preprocess_cfg:
             out["preprocess_cfg"] = dict(self.preprocess_cfg)
+        if self.custom_text:  # the key layout to write back (open_clip CustomTextCLIP, PaddleMIX custom_text)
+            out["custom_text"] = True
         return out

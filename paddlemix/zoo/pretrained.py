@@ -350,7 +350,10 @@ def paddlemix_numerics_note(entry: PretrainedEntry) -> Optional[str]:
     """
     if not entry.paddlemix:
         return None
-    differences = paddlemix_differences(entry.model_cfg())
+    try:
+        differences = paddlemix_differences(entry.model_cfg())
+    except ConversionError as e:  # an architecture PaddleMIX's classes cannot build at all
+        differences = [str(e)]
     if not differences:
         return None
     return (f"reproduces the original release; PaddleMIX's own classes compute differently with these weights "

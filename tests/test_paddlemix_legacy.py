@@ -243,3 +243,13 @@ def test_zoo_entries_say_once_when_paddlemix_computes_otherwise(tmp_path, caplog
     assert "vision activation: QuickGELU here, GELU in PaddleMIX" in caplog.text
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert "PaddleMIX numerics: reproduces the original release" in readme
+
+
+def test_force_quick_gelu_reaches_towers_that_set_their_own_activation():
+    from paddlemix.models.layers import QuickGELU
+
+    plain = paddlemix.create_model(LEGACY / "clip_vit_quickgelu")
+    forced = paddlemix.create_model(LEGACY / "clip_vit_quickgelu", force_quick_gelu=True)
+    assert not isinstance(plain.visual.transformer.blocks[0].mlp.act, QuickGELU)
+    assert isinstance(plain.text.transformer.blocks[0].mlp.act, QuickGELU)
+    assert isinstance(forced.visual.transformer.blocks[0].mlp.act, QuickGELU)

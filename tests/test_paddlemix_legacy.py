@@ -186,7 +186,11 @@ def test_semantics_paddlemix_cannot_reproduce_are_reported(tmp_path, caplog):
     assert paddlemix_differences(_tiny({}, quick_gelu=True)) == [
         "vision activation: QuickGELU here, GELU in PaddleMIX"]
     assert paddlemix_differences(_tiny({"pool_type": "avg", "final_ln_after_pool": True})) == [
-        "image pooling: average of the patch tokens here, average of every token, class token included in PaddleMIX"]
+        "image pooling: average of the patch tokens, normed after pooling here, average of every token, "
+        "class token included, normed after pooling in PaddleMIX"]
+    assert paddlemix_differences(_tiny({"pool_type": "avg_all"})) == [
+        "image pooling: average of every token, class token included, normed before pooling here, average of "
+        "every token, class token included, normed after pooling in PaddleMIX"]
     eva02 = _tiny(dict(EVA, naiveswiglu=True, subln=True))  # EVA-CLIP's own numerics: every sub-LN at 1e-6
     assert paddlemix_differences(eva02) == ["attention sub-LN eps: 1e-06 here, 1e-05 in PaddleMIX"]
     for case in CASES:

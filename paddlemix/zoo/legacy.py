@@ -158,6 +158,7 @@ LEGACY_WEIGHTS_NAME = "model_state.pdparams"
 
 def _tower_semantics(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
     """What decides the numbers besides the weights, as this project computes them for ``model_cfg``."""
+    from ..models.clip_model import _norm_eps
     from ..models.config import CLIPConfig
 
     cfg = CLIPConfig.from_model_cfg({k: v for k, v in model_cfg.items() if k != "preprocess_cfg"})
@@ -166,15 +167,18 @@ def _tower_semantics(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
     vision_quick = vc.quick_gelu if vc.quick_gelu is not None else cfg.quick_gelu and not eva
     text_quick = tc.quick_gelu if tc.quick_gelu is not None else cfg.quick_gelu
     if eva and vc.global_average_pool:
-        pool = "avg"
+        pool, ln_after = "avg", True
     else:
-        pool = vc.pool_type
-    tower_eps = float((vc.norm_kwargs or {}).get("eps", 1e-6 if eva else 1e-5))
+        pool, ln_after = vc.pool_type, vc.final_ln_after_pool
+    pooling = {"tok": "class token", "avg": "average of the patch tokens",
+               "avg_all": "average of every token, class token included"}.get(pool, pool)
+    if pool in ("avg", "avg_all"):  # for the class token the norm commutes with taking it
+        pooling += ", normed after pooling" if ln_after else ", normed before pooling"
+    tower_eps = _norm_eps(vc.norm_kwargs, 1e-6 if eva else 1e-5)
     out = {
         "vision activation": "QuickGELU" if vision_quick else "GELU",
         "text activation": "QuickGELU" if text_quick else "GELU",
-        "image pooling": {"tok": "class token", "avg": "average of the patch tokens",
-                          "avg_all": "average of every token, class token included"}.get(pool, pool),
+        "image pooling": pooling,
     }
     if vc.subln:
         out["attention sub-LN eps"] = vc.attn_norm_eps if vc.attn_norm_eps is not None else tower_eps
@@ -206,6 +210,7 @@ def model_cfg_to_legacy_config(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
     PaddleMIX's own configs are. Architectures PaddleMIX has no module for are refused; numeric
     semantics it computes differently are reported by :func:`paddlemix_differences`.
     """
+    from ..models.clip_model import _norm_eps
     from ..models.config import CLIPConfig
 
     cfg = CLIPConfig.from_model_cfg({k: v for k, v in model_cfg.items() if k != "preprocess_cfg"})
@@ -223,7 +228,7 @@ def model_cfg_to_legacy_config(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
     if tc.embed_cls or tc.pool_type != "argmax" or tc.proj_type != "linear" or tc.proj_bias:
         raise _refuse(f"a text tower with embed_cls={tc.embed_cls}, pool_type={tc.pool_type!r}, "
                       f"proj_type={tc.proj_type!r}, proj_bias={tc.proj_bias}")
-    if float((tc.norm_kwargs or {}).get("eps", 1e-5)) != 1e-5:
+    if _norm_eps(tc.norm_kwargs, 1e-5) != 1e-5:
         raise _refuse(f"text norm eps {tc.norm_kwargs}")
     text_quick = tc.quick_gelu if tc.quick_gelu is not None else cfg.quick_gelu
     text = {"context_length": tc.context_length, "vocab_size": tc.vocab_size, "width": tc.width, "heads": tc.heads,
@@ -235,7 +240,7 @@ def model_cfg_to_legacy_config(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
               "head_width": vc.head_width, "mlp_ratio": vc.mlp_ratio, "embed_dim": cfg.embed_dim}
     mean_pool = vc.pool_type in ("avg", "avg_all") or (eva and vc.global_average_pool)
     if eva:
-        if float((vc.norm_kwargs or {}).get("eps", 1e-6)) != 1e-6:
+        if _norm_eps(vc.norm_kwargs, 1e-6) != 1e-6:
             raise _refuse(f"EVA vision norm eps {vc.norm_kwargs} (its EVA tower uses 1e-6)")
         vision.update({k: v for k, v, default in (
             ("qkv_bias", vc.qkv_bias, False), ("init_values", vc.ls_init_value, None),
@@ -247,7 +252,7 @@ def model_cfg_to_legacy_config(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
         return {"model_type": "evaclip", "vision_cfg": vision, "text_cfg": text}
     if vc.no_ln_pre or vc.postnorm or vc.rope or vc.naiveswiglu or vc.subln or not vc.qkv_bias:
         raise _refuse("a CLIP vision tower without ln_pre or with EVA switches (set eva_model_name for an EVA tower)")
-    if float((vc.norm_kwargs or {}).get("eps", 1e-5)) != 1e-5:
+    if _norm_eps(vc.norm_kwargs, 1e-5) != 1e-5:
         raise _refuse(f"vision norm eps {vc.norm_kwargs}")
     if mean_pool:
         vision["global_average_pool"] = True

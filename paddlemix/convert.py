@@ -13,6 +13,14 @@ with sha256 of each file) is verified before it is moved into place: the source 
 Paddle from the original checkpoint and both run on the same inputs; when torch and open_clip
 happen to be importable, an open_clip-layout source is also run by open_clip itself. A report
 is printed as JSON; the exit status is non-zero when conversion or verification fails.
+
+``--to paddlemix`` writes the way back instead: PaddleMIX's own directory (``config.json`` in the
+schema of its ``CLIPConfig`` / ``EVACLIPConfig`` + ``model_state.pdparams`` under its names), which
+PaddleMIX's ``from_pretrained`` reads; it is read back through the PaddleMIX converter and must
+give the same bits. Where PaddleMIX computes differently from the source's semantics (its vision
+tower ignores quick_gelu, its mean pooling includes the class token), the report lists it::
+
+    python -m paddlemix.convert --src my-finetuned-dir --out for-paddlemix --to paddlemix
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .zoo.checkpoint import CheckpointError
+from .zoo.checkpoint import CheckpointError, iter_checkpoint_shards
 from .zoo.convert import ConversionError
 from .zoo.export import DTYPES, read_manifest, source_check, write_model_dir
 from .zoo.loading import WeightLoadError
@@ -44,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--src", required=True, help="checkpoint file or directory")
     parser.add_argument("--model", help="zoo name, architecture name, or config JSON; default: the config in --src")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="weight precision stored (default fp16)")
+    parser.add_argument("--to", choices=("safetensors", "paddlemix"), default="safetensors",
+                        help="safetensors: this project's directory (config.json + model.safetensors + manifest.json); "
+                        "paddlemix: PaddleMIX's own (its config.json schema + model_state.pdparams), which its "
+                        "CLIP / EVACLIP.from_pretrained read")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="weight precision stored (default fp16; keep for --to paddlemix)")
     parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="key layout of --src (default: detect)")
     parser.add_argument("--mean", type=float, nargs=3, help="override the normalisation mean stored in preprocess_cfg")
     parser.add_argument("--std", type=float, nargs=3, help="override the normalisation std")
@@ -81,6 +94,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"--src {src} does not exist")
     cfg = _model_cfg(args)
     layout = None if args.layout == "auto" else args.layout
+    if args.to == "paddlemix":
+        return _to_paddlemix(src, out, cfg, args.dtype or "keep", layout, args.overwrite)
+    args.dtype = args.dtype or "fp16"
     check = None if args.no_verify else source_check(src, cfg, args.dtype, layout, args.use_torch)
     start = time.perf_counter()
     try:
@@ -91,6 +107,33 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     manifest = read_manifest(out)
     report = {"out": str(out), "seconds": round(time.perf_counter() - start, 3), **manifest}
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _to_paddlemix(src: Path, out: Path, cfg: Dict[str, Any], dtype: str, layout: Optional[str], overwrite: bool) -> int:
+    """Write PaddleMIX's layout, then read it back through the PaddleMIX converter: it must give the same bits."""
+    import numpy as np
+
+    from .zoo.checkpoint import load_state_dict
+    from .zoo.convert import _bf16_bits_as_float32, convert_state_dict
+    from .zoo.export import convert_weights
+    from .zoo.legacy import LEGACY_WEIGHTS_NAME, paddlemix_differences, write_paddlemix_dir
+
+    start = time.perf_counter()
+    try:
+        tensors, _, layout = convert_weights(iter_checkpoint_shards(src), cfg, dtype, layout, str(src))
+        write_paddlemix_dir(tensors, cfg, out, overwrite=overwrite)
+    except (CheckpointError, ConversionError, WeightLoadError, FileExistsError) as e:
+        logger.error("%s; nothing was written to %s", e, out)
+        return 1
+    back = convert_state_dict(load_state_dict(out / LEGACY_WEIGHTS_NAME), "paddlemix_legacy")
+    bad = sorted(k for k in tensors if k not in back or not np.array_equal(back[k], _bf16_bits_as_float32(tensors[k])))
+    if bad or set(back) != set(tensors):
+        logger.error("%s does not read back to the same weights: %s", out, bad[:10] or sorted(set(back) ^ set(tensors)))
+        return 1
+    report = {"out": str(out), "to": "paddlemix", "layout": layout, "tensors": len(tensors), "round_trip": "bit-exact",
+              "paddlemix_differences": paddlemix_differences(cfg), "seconds": round(time.perf_counter() - start, 3)}
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -99,6 +99,9 @@ def create_model(
     cfg, default_weights = _resolve_model(model_name)
     if force_quick_gelu:
         cfg["quick_gelu"] = True
+        for tower in ("vision_cfg", "text_cfg"):  # a tower's own setting would otherwise win
+            if cfg.get(tower, {}).get("quick_gelu") is not None:
+                cfg[tower]["quick_gelu"] = True
     if force_patch_dropout is not None:
         cfg["vision_cfg"]["patch_dropout"] = force_patch_dropout
     if force_image_size is not None:

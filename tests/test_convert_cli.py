@@ -20,17 +20,13 @@ from test_zoo import (
     PARITY,
     assert_reference,
     features,
-    paddlemix_config,
     rounded_reference,
-    save_pdparams,
     tiny_entries,  # noqa: F401 - a fixture: registers the tiny zoo entries
-    to_paddlemix_legacy,
 )
 
 import paddlemix
 from paddlemix.convert import main
 from paddlemix.models import CLIP
-from paddlemix.zoo.checkpoint import load_state_dict
 from paddlemix.zoo.download import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,13 +103,10 @@ def test_source_directories_carry_their_own_config(tmp_path, capsys):
     assert run("--src", hf, "--out", tmp_path / "hf", "--dtype", "fp32") == 0
     assert json.loads(capsys.readouterr().out)["layout"] == "hf"
     assert_reference(CLIP.from_pretrained(str(tmp_path / "hf")), hf)
-    legacy = tmp_path / "paddlemix-dir"
-    legacy.mkdir()
-    (legacy / "config.json").write_text(json.dumps(paddlemix_config(EVA_CASE)))
-    save_pdparams(to_paddlemix_legacy(load_state_dict(EVA_CASE / "model.safetensors")), legacy / "model_state.pdparams")
+    legacy = Path(__file__).parent / "fixtures" / "paddlemix_legacy" / "eva02_meanpool"  # written by PaddleMIX
     assert run("--src", legacy, "--out", tmp_path / "from-paddlemix", "--dtype", "fp32") == 0
     assert json.loads(capsys.readouterr().out)["layout"] == "paddlemix_legacy"
-    assert_reference(CLIP.from_pretrained(str(tmp_path / "from-paddlemix")), EVA_CASE)
+    assert_reference(CLIP.from_pretrained(str(tmp_path / "from-paddlemix")), legacy)
 
 
 def test_preprocessing_flags_reach_the_transforms(tmp_path, capsys):

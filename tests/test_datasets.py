@@ -513,7 +513,7 @@ def test_epoch_reshuffles_order_not_set(tmp_path, tok):
 # Factory
 # ---------------------------------------------------------------------------------------------------
 
-def test_build_train_dataset_dispatch(tmp_path, tok):
+def test_build_train_dataset_dispatch(tmp_path, tok, monkeypatch):
     coco_root = tmp_path / "coco"
     write_coco(coco_root / "images", 2)
     (coco_root / "annotations").mkdir()
@@ -533,7 +533,10 @@ def test_build_train_dataset_dispatch(tmp_path, tok):
     pattern, _ = write_wds_shards(tmp_path, 2, per_shard=1)
     assert isinstance(build_train_dataset(pattern, to_array, tok), WebDatasetTarDataset)
 
-    with pytest.raises(ValueError, match="needs data_root"):
+    # No data_root: PaddleMIX's archive from the cache; offline and absent, the error names where it goes.
+    monkeypatch.setenv("PADDLEMIX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PADDLEMIX_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=f"not at {tmp_path / 'home' / 'datasets' / 'coco'} and offline"):
         build_train_dataset("coco_karpathy", to_array, tok)
     with pytest.raises(ValueError, match="not a known kind of training data"):
         build_train_dataset("imagenet", to_array, tok)

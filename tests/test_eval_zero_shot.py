@@ -352,3 +352,102 @@ def test_classification_eval_demo_keyword(tiny, tmp_path, monkeypatch):
     assert calls == [str(tmp_path / "d")]
     (rec,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert rec["dataset"] == "demo" and rec["metrics"]["num_classes"] == 16 and rec["metrics"]["num_samples"] == 16
+
+
+# ------------------------------------------------------------ --pretrained_text_model (PaddleMIX's flag)
+
+
+@pytest.fixture(scope="module")
+def other_text(tmp_path_factory):
+    """A second tiny model: its text tower is the one --pretrained_text_model names."""
+    return synthetic.tiny_clip(tmp_path_factory.mktemp("other"), seed=99)
+
+
+def _count_loads(monkeypatch, name):
+    """How often ``name`` is built by create_model (the text model must be loaded once)."""
+    import paddlemix.factory as factory
+
+    loads = []
+    real = factory.create_model
+
+    def counting(model_name, *args, **kwargs):
+        if str(model_name) == str(name):
+            loads.append(model_name)
+        return real(model_name, *args, **kwargs)
+
+    monkeypatch.setattr(factory, "create_model", counting)
+    return loads
+
+
+def test_pretrained_text_model_builds_the_classifier(tiny, other_text, evalset_dir, tmp_path, monkeypatch):
+    model, model_dir = tiny
+    other, other_dir = other_text
+    evalset = load_classification_eval(evalset_dir)
+    tok = SimpleTokenizer(context_length=model.context_length)
+    own = zs.build_zero_shot_classifier(model, tok, evalset.classnames, evalset.templates, progress=False).numpy()
+    theirs = zs.build_zero_shot_classifier(other, tok, evalset.classnames, evalset.templates, progress=False).numpy()
+    assert np.abs(own - theirs).max() > 0.1  # the two text towers give different classifiers
+
+    used = []
+    real_eval = zs.evaluate_zero_shot
+
+    def recording(*args, **kwargs):
+        used.append(kwargs.get("classifier"))
+        return real_eval(*args, **kwargs)
+
+    import paddlemix.eval.runner as runner
+
+    monkeypatch.setattr(runner, "evaluate_zero_shot", recording)
+    loads = _count_loads(monkeypatch, other_dir)
+    base = ["--model", str(model_dir), "--per_device_eval_batch_size", "5", "--dataloader_num_workers", "0",
+            "--disable_tqdm", "--no_classifier_cache"]
+    assert eval_main(base + ["--classification_eval", str(evalset_dir)]) == 0
+    assert used[-1] is None  # default: the evaluated model's own text tower
+    args = base + ["--classification_eval", str(evalset_dir), str(evalset_dir), "--pretrained_text_model", str(other_dir),
+                   "--output_dir", str(tmp_path / "out")]
+    assert eval_main(args) == 0
+    assert len(loads) == 1  # loaded once for both eval sets
+    for classifier in used[-2:]:
+        np.testing.assert_allclose(classifier.numpy(), theirs, atol=1e-6)
+    # The image features stay the evaluated model's: the reported accuracy is that of its images against them.
+    _, _, labels = _numpy_reference(model, evalset_dir)
+    with paddle.no_grad():
+        tf = image_transform(32, is_train=False, output="paddle")
+        imgs = np.concatenate([model.encode_image(tf(evalset.dataset[i][0]).unsqueeze(0)).numpy()
+                               for i in range(len(evalset.dataset))])
+    acc1 = float((np.argmax(_unit(imgs) @ theirs, axis=1) == labels).mean())
+    rec = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[0])
+    assert rec["metrics"]["acc1"] == pytest.approx(acc1, abs=1e-12)
+
+
+def test_pretrained_text_model_with_another_embedding_width_is_refused(tiny, tmp_path):
+    model, _ = tiny
+    cfg = json.loads((REF / "model_config.json").read_text())
+    cfg["embed_dim"] = 16
+    (tmp_path / "narrow.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="embeds text in 16 dimensions but the evaluated model's image features have 32"):
+        zs.load_text_model(str(tmp_path / "narrow.json"), model)
+
+
+def test_training_eval_uses_the_pretrained_text_model_once(tiny, other_text, evalset_dir, monkeypatch):
+    from paddlemix.train.pretrain import zero_shot_eval_fn
+
+    model, _ = tiny
+    other, other_dir = other_text
+    built = []
+    real_build = zs.build_zero_shot_classifier
+
+    def recording(m, *args, **kwargs):
+        built.append(m)
+        return real_build(m, *args, **kwargs)
+
+    monkeypatch.setattr(zs, "build_zero_shot_classifier", recording)
+    loads = _count_loads(monkeypatch, other_dir)
+    tok = SimpleTokenizer(context_length=model.context_length)
+    fixed = zero_shot_eval_fn(model, tok, evalset_dir, 5, 0, "fp32", text_model=str(other_dir))
+    own = zero_shot_eval_fn(model, tok, evalset_dir, 5, 0, "fp32")
+    first, second = fixed(model), fixed(model)
+    assert first == second and len(loads) == 1
+    assert len(built) == 1 and built[0] is not model  # one classifier, from the other model's text tower
+    own(model)
+    assert built[-1] is model  # without the flag: the trained text tower, rebuilt per eval

@@ -42,6 +42,17 @@ def _number(value: Any, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _paddlemix_note(name: str) -> Optional[str]:
+    """Where PaddleMIX's own classes would give other numbers than the entry (which follows the original release)."""
+    if str(ROOT) not in sys.path:  # run as a script from a checkout
+        sys.path.insert(0, str(ROOT))
+    from paddlemix.zoo.pretrained import default_registry, paddlemix_numerics_note
+
+    entry = default_registry().find(name)
+    note = paddlemix_numerics_note(entry) if entry is not None else None
+    return f"PaddleMIX numerics: {note}" if note else None
+
+
 def render(registry: Dict[str, Any]) -> str:
     """The markdown between the markers: one table per family, in registry order."""
     presets = registry.get("preprocess", {})
@@ -52,7 +63,9 @@ def render(registry: Dict[str, Any]) -> str:
         f"Generated from `configs/pretrained.json` by `tools/gen_model_table.py`; do not edit by hand. "
         f"{len(registry['models'])} pretrained models. Params and ImageNet-1k zero-shot top-1 are the published "
         "numbers (open_clip's benchmark tables unless a note says otherwise). Use a model by its name "
-        "(`CLIP.from_pretrained(name)`, `create_model(name)`) or as `create_model(arch, pretrained=tag)`.",
+        "(`CLIP.from_pretrained(name)`, `create_model(name)`) or as `create_model(arch, pretrained=tag)`. "
+        "Every entry computes as its original release does (open_clip's or EVA-CLIP's code), also when its weights "
+        "come from PaddleMIX's host; notes name the entries for which PaddleMIX's own classes compute otherwise.",
     ]
     notes = []
     for family, entries in families.items():
@@ -61,9 +74,11 @@ def render(registry: Dict[str, Any]) -> str:
                   "|---|---|---|---:|---:|---:|---|---|---|"]
         for e in entries:
             mark = ""
-            if e.get("note"):
-                notes.append(e["note"])
-                mark = f" [{len(notes)}]"
+            for note in (e.get("note"), _paddlemix_note(e["name"])):
+                if note:
+                    if note not in notes:
+                        notes.append(note)
+                    mark += f" [{notes.index(note) + 1}]"
             lines.append(
                 f"| `{e['name']}`{mark} | `{e['arch']}` | `{e['tag']}` | {_number(e.get('params_m'), 2)} | "
                 f"{_number(e.get('in1k_top1'), 2)} | {e['image_size']} | {_preprocess(e, presets)} | "

@@ -21,7 +21,7 @@ from .pages import render_reports, save_classification, save_retrieval
 from .report import format_table, make_record, write_evaluation_files
 from .retrieval import evaluate_retrieval, retrieval_features, retrieval_rankings
 from .sts import evaluate_sts
-from .zero_shot import check_cache_dir, evaluate_zero_shot
+from .zero_shot import build_zero_shot_classifier, check_cache_dir, evaluate_zero_shot, load_text_model
 
 logger = logging.getLogger("paddlemix.eval")
 
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier_cache_dir", default=None,
                    help="cache zero-shot classifiers here (default: OUTPUT_DIR/classifier_cache)")
     p.add_argument("--no_classifier_cache", action="store_true", help="always rebuild the classifier")
+    p.add_argument("--pretrained_text_model", default=None, metavar="MODEL",
+                   help="build the zero-shot classifier's class text features with this model's text tower "
+                        "(zoo name, config or model directory; loaded once) instead of the evaluated model's")
     p.add_argument("--force_quick_gelu", action="store_true", help="use QuickGELU (OpenAI-trained weights)")
     p.add_argument("--force_image_size", type=int, default=None)
     p.add_argument("--disable_tqdm", action="store_true")
@@ -96,6 +99,10 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         elif args.output_dir:
             cache_dir = Path(args.output_dir) / "classifier_cache"
 
+    text_model = text_tokenizer = None
+    if args.pretrained_text_model and args.classification_eval:
+        text_model, text_tokenizer = load_text_model(args.pretrained_text_model, model, amp if pure else "fp32")
+
     records = []
     save = rank == 0 and bool(args.output_dir) and not args.no_report
     for path in args.classification_eval:
@@ -111,9 +118,16 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
             check_cache_dir(cache_dir, evalset.root)
         logger.info("zero-shot classification on %s: %d images, %d classes, %d templates",
                     evalset.name, len(evalset.dataset), len(evalset.classnames), len(evalset.templates))
+        classifier = None
+        if text_model is not None:
+            classifier = build_zero_shot_classifier(
+                text_model, text_tokenizer, evalset.classnames, evalset.templates,
+                batch_size=max(args.per_device_eval_batch_size, 1) * 4, precision=common["precision"],
+                cache_dir=cache_dir, progress=common["progress"])
         metrics, predictions = evaluate_zero_shot(
             model, tokenizer, evalset.dataset, evalset.classnames, evalset.templates,
-            num_workers=args.dataloader_num_workers, cache_dir=cache_dir, return_predictions=True, **common)
+            num_workers=args.dataloader_num_workers, cache_dir=cache_dir, classifier=classifier,
+            return_predictions=True, **common)
         records.append(make_record(evalset.name, "zeroshot_classification", metrics, args.model, args.pretrained))
         if save:
             save_classification(args.output_dir, records[-1], predictions, evalset.classnames, evalset.dataset)

@@ -44,6 +44,7 @@ __all__ = [
     "check_cache_dir",
     "classifier_cache_key",
     "evaluate_zero_shot",
+    "load_text_model",
     "zero_shot_predictions",
 ]
 
@@ -232,3 +233,26 @@ def evaluate_zero_shot(
     metrics["num_samples"] = int(len(pred["labels"]))
     metrics["num_classes"] = len(classnames)
     return (metrics, pred) if return_predictions else metrics
+
+
+def load_text_model(name: str, image_model, precision: str = "fp32"):
+    """``(model, tokenizer)`` whose text tower builds the zero-shot classifier: PaddleMIX's ``--pretrained_text_model``.
+
+    PaddleMIX documents the flag as the model the class text features are extracted with; the
+    image features still come from the model being evaluated, so both must share the embedding
+    width. Loaded once by the caller; only its text tower is used.
+    """
+    from ..factory import create_model, get_tokenizer
+
+    text_model = create_model(name, precision=precision)
+    text_model.eval()
+    for p in text_model.parameters():
+        p.stop_gradient = True
+    ours, theirs = image_model.config.embed_dim, text_model.config.embed_dim
+    if ours != theirs:
+        raise ValueError(
+            f"--pretrained_text_model {name!r} embeds text in {theirs} dimensions but the evaluated model's image "
+            f"features have {ours}; name a text model trained with this image tower's embedding width"
+        )
+    logger.info("zero-shot classifier text features come from %s", name)
+    return text_model, get_tokenizer(text_model)

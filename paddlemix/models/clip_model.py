@@ -56,18 +56,23 @@ def _act_layer(act_kwargs: Optional[dict], quick_gelu: bool) -> Callable[[], nn.
 
 def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False) -> nn.Layer:
     """Translate a :class:`VisionCfg` (open_clip or EVA-CLIP schema) into tower arguments."""
+    eva = cfg.eva_model_name is not None
+    # EVA's vision tower is GELU unless the tower says otherwise (its reference ignores quick_gelu for vision).
+    tower_quick_gelu = cfg.quick_gelu if cfg.quick_gelu is not None else quick_gelu and not eva
     if cfg.block_type != "attention":
         norm = get_norm_layer(eps=_norm_eps(cfg.norm_kwargs, 1e-5), fused=cfg.fusedLN)
-        return build_mixer_vision_tower(embed_dim, cfg, _act_layer(cfg.act_kwargs, quick_gelu), norm)
+        return build_mixer_vision_tower(embed_dim, cfg, _act_layer(cfg.act_kwargs, tower_quick_gelu), norm)
     if isinstance(cfg.layers, (list, tuple)):
         raise ConfigError(f"vision_cfg.layers={cfg.layers!r} describes a ResNet tower, which is not implemented")
     if cfg.width % cfg.head_width != 0:
         raise ConfigError(f"vision_cfg.width {cfg.width} is not divisible by head_width {cfg.head_width}")
     heads = cfg.width // cfg.head_width
-    eva = cfg.eva_model_name is not None
     # EVA towers use eps 1e-6 norms, biased patch embed and head, and q/v-only attention biases.
-    norm_layer = get_norm_layer(
-        use_rms_norm=cfg.use_rms_norm, eps=_norm_eps(cfg.norm_kwargs, 1e-6 if eva else 1e-5), fused=cfg.fusedLN
+    eps = _norm_eps(cfg.norm_kwargs, 1e-6 if eva else 1e-5)
+    norm_layer = get_norm_layer(use_rms_norm=cfg.use_rms_norm, eps=eps, fused=cfg.fusedLN)
+    attn_norm_layer, mlp_norm_layer = (
+        get_norm_layer(use_rms_norm=cfg.use_rms_norm, eps=sub_eps, fused=cfg.fusedLN) if sub_eps is not None else None
+        for sub_eps in (cfg.attn_norm_eps, cfg.mlp_norm_eps)
     )
     rope = None
     if cfg.rope:
@@ -78,13 +83,17 @@ def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False)
             pt_seq_len=cfg.pt_hw_seq_len,
             intp_freq=cfg.intp_freq,
         )
-    if eva:
-        pool_type = "avg" if cfg.global_average_pool else "tok"
-        final_ln_after_pool = cfg.global_average_pool
-        qkv_bias = "qv" if cfg.qkv_bias else "none"
+    # EVA-CLIP's global_average_pool is shorthand for open_clip's patch-token average normed after pooling.
+    if eva and cfg.global_average_pool:
+        if cfg.pool_type not in ("tok", "avg"):
+            raise ConfigError(
+                f"vision_cfg global_average_pool=True (patch-token average) contradicts pool_type={cfg.pool_type!r}; "
+                "set one of them"
+            )
+        pool_type, final_ln_after_pool = "avg", True
     else:
         pool_type, final_ln_after_pool = cfg.pool_type, cfg.final_ln_after_pool
-        qkv_bias = "qkv" if cfg.qkv_bias else "none"
+    qkv_bias = ("qv" if eva else "qkv") if cfg.qkv_bias else "none"
     return VisionTransformer(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -102,8 +111,7 @@ def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False)
         attentional_pool=cfg.attentional_pool,
         attn_pooler_queries=cfg.attn_pooler_queries,
         attn_pooler_heads=cfg.attn_pooler_heads,
-        # EVA's vision tower is always GELU (its reference ignores quick_gelu for vision).
-        act_layer=_act_layer(cfg.act_kwargs, quick_gelu and not eva),
+        act_layer=_act_layer(cfg.act_kwargs, tower_quick_gelu),
         norm_layer=norm_layer,
         patch_bias=eva,
         proj_bias=eva and cfg.qkv_bias,
@@ -115,10 +123,14 @@ def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False)
         rope=rope,
         use_fused_attn=cfg.xattn,
         output_tokens=cfg.output_tokens,
+        attn_norm_layer=attn_norm_layer,
+        mlp_norm_layer=mlp_norm_layer,
     )
 
 
 def build_text_tower(embed_dim: int, cfg: TextCfg, quick_gelu: bool = False) -> nn.Layer:
+    if cfg.quick_gelu is not None:
+        quick_gelu = cfg.quick_gelu
     if cfg.block_type != "attention":
         norm = get_norm_layer(eps=_norm_eps(cfg.norm_kwargs, 1e-5), fused=cfg.fusedLN)
         return build_mixer_text_tower(embed_dim, cfg, _act_layer(cfg.act_kwargs, quick_gelu), norm)
@@ -175,8 +187,25 @@ class CLIP(PretrainedModel):
             self.logit_bias = None
         self.output_dict = False
 
-    def save_pretrained(self, save_dir: str, *args, safe_serialization: bool = True, **kwargs):
-        """PaddleNLP's save, defaulting to safetensors: weights others load should not be pickles."""
+    def save_pretrained(
+        self, save_dir: str, *args, safe_serialization: bool = True, layout: Optional[str] = None, **kwargs
+    ):
+        """PaddleNLP's save, defaulting to safetensors: weights others load should not be pickles.
+
+        ``layout="paddlemix"`` (or ``"paddlemix_legacy"``, the loaders' name for it) instead writes
+        PaddleMIX's own directory, ``config.json`` in its schema + ``model_state.pdparams`` under its
+        names, which PaddleMIX's ``CLIP`` / ``EVACLIP.from_pretrained`` read.
+        """
+        if layout in ("paddlemix", "paddlemix_legacy"):
+            from ..zoo.legacy import write_paddlemix_dir
+
+            if args or kwargs:
+                raise TypeError(f"layout={layout!r} takes no further save arguments, got {args} {sorted(kwargs)}")
+            model_cfg = self.config.to_model_cfg()
+            state = {name: t.numpy() for name, t in self.state_dict().items()}
+            return write_paddlemix_dir(state, model_cfg, save_dir, overwrite=True)
+        if layout is not None:
+            raise ValueError(f"layout must be None (this project's directory) or 'paddlemix', got {layout!r}")
         return super().save_pretrained(save_dir, *args, safe_serialization=safe_serialization, **kwargs)
 
     @classmethod

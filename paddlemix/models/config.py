@@ -103,10 +103,13 @@ class VisionCfg(_TowerCfg):
     no_ln_pre: bool = False
     pos_embed_type: str = "learnable"  # 'learnable' | 'sin_cos_2d'
     final_ln_after_pool: bool = False
-    pool_type: str = "tok"  # 'tok' | 'avg' | 'none'
+    # 'tok' | 'avg' (patch tokens) | 'avg_all' (every token, the class token included: PaddleMIX) | 'none'
+    pool_type: str = "tok"
     output_tokens: bool = False
     act_kwargs: Optional[dict] = None
     norm_kwargs: Optional[dict] = None
+    # This tower's activation; None follows the model's quick_gelu (PaddleMIX's vision tower is always GELU).
+    quick_gelu: Optional[bool] = None
     # EVA-CLIP switches (defaults reproduce the CLIP tower).
     eva_model_name: Optional[str] = None
     qkv_bias: bool = True
@@ -119,6 +122,9 @@ class VisionCfg(_TowerCfg):
     postnorm: bool = False
     use_rms_norm: bool = False
     global_average_pool: bool = False
+    # eps of the subln norms inside attention and the MLP; None: the tower's norm eps.
+    attn_norm_eps: Optional[float] = None
+    mlp_norm_eps: Optional[float] = None
     xattn: bool = True
     fusedLN: bool = False
     # MLP-Mixer tower (models/mixer.py): 'attention' builds the ViT, 'mixer' token-mixing MLPs.
@@ -149,6 +155,8 @@ class TextCfg(_TowerCfg):
     output_tokens: bool = False
     act_kwargs: Optional[dict] = None
     norm_kwargs: Optional[dict] = None
+    # This tower's activation; None follows the model's quick_gelu.
+    quick_gelu: Optional[bool] = None
     hf_tokenizer_name: Optional[str] = None
     tokenizer_kwargs: Optional[dict] = None
     # EVA-CLIP text switches.
@@ -230,4 +238,6 @@ class CLIPConfig(PretrainedConfig):
             out["init_logit_bias"] = self.init_logit_bias
         if self.preprocess_cfg:
             out["preprocess_cfg"] = dict(self.preprocess_cfg)
+        if self.custom_text:  # the key layout to write back (open_clip CustomTextCLIP, PaddleMIX custom_text)
+            out["custom_text"] = True
         return out

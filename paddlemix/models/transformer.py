@@ -116,24 +116,29 @@ class Block(nn.Layer):
         postnorm: bool = False,
         drop_path: float = 0.0,
         use_fused_attn: bool = True,
+        attn_norm_layer: Optional[Callable[[int], nn.Layer]] = None,
+        mlp_norm_layer: Optional[Callable[[int], nn.Layer]] = None,
     ):
         super().__init__()
         self.postnorm = postnorm
+        # The subln norms may differ from the block norms in eps (PaddleMIX builds some with the default).
+        attn_norm = (attn_norm_layer or norm_layer) if subln else None
+        mlp_norm = (mlp_norm_layer or norm_layer) if subln else None
         self.norm1 = norm_layer(dim)
         self.attn = Attention(
             dim,
             num_heads,
             qkv_bias=qkv_bias,
-            inner_norm=norm_layer if subln else None,
+            inner_norm=attn_norm,
             use_fused_attn=use_fused_attn,
         )
         self.ls1 = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.norm2 = norm_layer(dim)
         hidden = int(dim * mlp_ratio)
         if swiglu:
-            self.mlp = SwiGLU(dim, hidden, norm_layer=norm_layer if subln else None)
+            self.mlp = SwiGLU(dim, hidden, norm_layer=mlp_norm)
         else:
-            self.mlp = Mlp(dim, hidden, act_layer=act_layer, norm_layer=norm_layer if subln else None)
+            self.mlp = Mlp(dim, hidden, act_layer=act_layer, norm_layer=mlp_norm)
         self.ls2 = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -163,6 +168,8 @@ class Transformer(nn.Layer):
         postnorm: bool = False,
         drop_path_rate: float = 0.0,
         use_fused_attn: bool = True,
+        attn_norm_layer: Optional[Callable[[int], nn.Layer]] = None,
+        mlp_norm_layer: Optional[Callable[[int], nn.Layer]] = None,
     ):
         super().__init__()
         self.width = width
@@ -184,6 +191,8 @@ class Transformer(nn.Layer):
                     postnorm=postnorm,
                     drop_path=rates[i],
                     use_fused_attn=use_fused_attn,
+                    attn_norm_layer=attn_norm_layer,
+                    mlp_norm_layer=mlp_norm_layer,
                 )
                 for i in range(layers)
             ]
@@ -197,7 +206,8 @@ class VisionTransformer(nn.Layer):
     """ViT image tower: patch embed, class token, position embedding, blocks, pooling, projection.
 
     Pooling follows open_clip: ``tok`` takes the class token, ``avg`` averages the
-    patch tokens; ``final_ln_after_pool`` applies the final norm to the pooled vector
+    patch tokens; ``avg_all`` averages every token, the class token included (what
+    PaddleMIX's towers compute for mean pooling); ``final_ln_after_pool`` applies the final norm to the pooled vector
     instead of every token (CLIPA, EVA mean pooling). ``attentional_pool`` replaces both
     with a learned-query cross-attention (CoCa).
     """
@@ -232,10 +242,12 @@ class VisionTransformer(nn.Layer):
         rope: Optional[nn.Layer] = None,
         use_fused_attn: bool = True,
         output_tokens: bool = False,
+        attn_norm_layer: Optional[Callable[[int], nn.Layer]] = None,
+        mlp_norm_layer: Optional[Callable[[int], nn.Layer]] = None,
     ):
         super().__init__()
-        if pool_type not in ("tok", "avg", "none"):
-            raise ValueError(f"vision pool_type must be 'tok', 'avg' or 'none', got {pool_type!r}")
+        if pool_type not in ("tok", "avg", "avg_all", "none"):
+            raise ValueError(f"vision pool_type must be 'tok', 'avg', 'avg_all' or 'none', got {pool_type!r}")
         if pos_embed_type not in ("learnable", "sin_cos_2d"):
             raise ValueError(f"pos_embed_type must be 'learnable' or 'sin_cos_2d', got {pos_embed_type!r}")
         self.image_size = to_2tuple(image_size)
@@ -281,6 +293,8 @@ class VisionTransformer(nn.Layer):
             postnorm=postnorm,
             drop_path_rate=drop_path_rate,
             use_fused_attn=use_fused_attn,
+            attn_norm_layer=attn_norm_layer,
+            mlp_norm_layer=mlp_norm_layer,
         )
         if attentional_pool:
             self.attn_pool = AttentionalPooler(
@@ -360,6 +374,8 @@ class VisionTransformer(nn.Layer):
     def _global_pool(self, x: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         if self.pool_type == "avg":
             return x[:, 1:].mean(axis=1), x[:, 1:]
+        if self.pool_type == "avg_all":
+            return x.mean(axis=1), x[:, 1:]
         if self.pool_type == "tok":
             return x[:, 0], x[:, 1:]
         return x, x

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from paddlenlp.trainer import PdArgumentParser, set_seed
 
@@ -63,20 +63,32 @@ def _eval_dir(classification_eval: str, data_root: Optional[str]) -> Path:
 
 
 def zero_shot_eval_fn(model, tokenizer, eval_dir: Path, batch_size: int, num_workers: int,
-                      precision: str) -> Callable[[object], Dict[str, float]]:
-    """A closure that evaluates the current weights (classifier rebuilt each call)."""
+                      precision: str, text_model: Optional[str] = None) -> Callable[[object], Dict[str, float]]:
+    """A closure that evaluates the current weights.
+
+    The classifier is rebuilt from the trained text tower at each call, or, with ``text_model``
+    (``--pretrained_text_model``), built once from that fixed model's text tower, loaded once.
+    """
     from ..eval.datasets import load_classification_eval
-    from ..eval.zero_shot import evaluate_zero_shot
+    from ..eval.zero_shot import build_zero_shot_classifier, evaluate_zero_shot, load_text_model
 
     pp = get_model_preprocess_cfg(model)
     transform = image_transform(pp["size"], is_train=False, mean=pp["mean"], std=pp["std"],
                                 interpolation=pp["interpolation"], resize_mode=pp["resize_mode"], output="numpy")
     eval_set = load_classification_eval(eval_dir, transform)
 
+    fixed: Dict[str, Any] = {}
+    if text_model is not None:
+        fixed["model"], fixed["tokenizer"] = load_text_model(text_model, model)
+
     def run_eval(current_model) -> Dict[str, float]:
+        if fixed and "classifier" not in fixed:  # the text model never changes: one classifier serves every eval
+            fixed["classifier"] = build_zero_shot_classifier(
+                fixed["model"], fixed["tokenizer"], eval_set.classnames, eval_set.templates,
+                batch_size=max(batch_size, 1) * 4, precision=precision, progress=False)
         metrics = evaluate_zero_shot(current_model, tokenizer, eval_set.dataset, eval_set.classnames,
                                      eval_set.templates, batch_size=batch_size, num_workers=num_workers,
-                                     precision=precision, progress=False)
+                                     precision=precision, progress=False, classifier=fixed.get("classifier"))
         return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
     return run_eval
@@ -146,7 +158,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Pre
         precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
         eval_fn = zero_shot_eval_fn(model, tokenizer, _eval_dir(data_args.classification_eval, data_args.data_root),
                                     training_args.per_device_eval_batch_size,
-                                    training_args.dataloader_num_workers, precision)
+                                    training_args.dataloader_num_workers, precision,
+                                    text_model=model_args.pretrained_text_model)
 
     trainer = CLIPTrainer(
         model=model,

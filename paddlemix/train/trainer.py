@@ -44,8 +44,8 @@ class ModelArguments:
     lock_text_unlocked_layers: int = field(default=0, metadata={"help": "last text blocks left trainable"})
     pretrained_text_model: Optional[str] = field(
         default=None,
-        metadata={"help": "accepted for PaddleMIX command lines; the zero-shot classifier is always built "
-                          "from the text tower being trained"},
+        metadata={"help": "model whose text tower builds the zero-shot classifier (loaded once; its features "
+                          "are fixed); default: the text tower being trained"},
     )
 
 
@@ -55,7 +55,10 @@ class DataArguments:
         default="demo",
         metadata={"help": "demo | coco_karpathy | a COCO .json | .jsonl/.csv | LAION filelist | tar shard pattern"},
     )
-    data_root: Optional[str] = field(default=None, metadata={"help": "dataset folder (coco_karpathy, demo)"})
+    data_root: Optional[str] = field(
+        default=None,
+        metadata={"help": "dataset folder (coco_karpathy: default $PADDLEMIX_HOME/datasets/coco, downloaded once; demo)"},
+    )
     image_root: Optional[str] = field(default=None, metadata={"help": "folder of relative image paths"})
     image_key: Optional[str] = field(default=None, metadata={"help": "JSONL/CSV image column"})
     caption_key: Optional[str] = field(default=None, metadata={"help": "JSONL/CSV/webdataset caption field"})
@@ -162,7 +165,8 @@ class CLIPTrainer(Trainer):
 
     ``eval_fn(model) -> Dict[str, float]`` runs the zero-shot evaluation; it is called by
     ``evaluate()``, i.e. every ``eval_steps`` with ``--evaluation_strategy steps``, with the
-    classifier rebuilt from the current text tower each time.
+    classifier rebuilt from the current text tower each time (or fixed, from
+    ``--pretrained_text_model``).
     """
 
     def __init__(self, *args, eval_fn=None, skip_counters=(), **kwargs):

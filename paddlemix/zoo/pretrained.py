@@ -41,7 +41,7 @@ from .download import (  # _exclusive_lock: the download layer's flock, reused s
     model_url,
 )
 from .export import CONFIG_NAME, MANIFEST_NAME, manifest_problem, write_model_dir
-from .legacy import is_legacy_config, legacy_config_to_model_cfg
+from .legacy import is_legacy_config, legacy_config_to_model_cfg, paddlemix_differences
 from .loading import WeightLoadError, load_state_dict_into
 from .registry import CONFIG_DIR, UnknownModelError, get_model_config, load_config_file
 
@@ -340,6 +340,38 @@ def _as_pair(value: Any) -> Any:
     return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
 
+def paddlemix_numerics_note(entry: PretrainedEntry) -> Optional[str]:
+    """For an entry PaddleMIX also hosts: how PaddleMIX's own classes compute differently with its weights.
+
+    Zoo entries reproduce the original release (open_clip's / EVA-CLIP's code, whose published
+    accuracy the table lists), whichever host the weights come from. PaddleMIX reads some
+    switches differently (quick_gelu only in the text tower, EVA sub-LN eps), so for these
+    entries its numbers differ from ours; a PaddleMIX directory loaded by path gives PaddleMIX's.
+    """
+    if not entry.paddlemix:
+        return None
+    try:
+        differences = paddlemix_differences(entry.model_cfg())
+    except ConversionError as e:  # an architecture PaddleMIX's classes cannot build at all
+        differences = [str(e)]
+    if not differences:
+        return None
+    return (f"reproduces the original release; PaddleMIX's own classes compute differently with these weights "
+            f"({'; '.join(differences)}). Load PaddleMIX's directory by path for PaddleMIX's numbers.")
+
+
+_NOTED: set = set()  # entries whose PaddleMIX note was logged: once per process, not on every load
+
+
+def _note_paddlemix_numerics(entry: PretrainedEntry) -> None:
+    if entry.name in _NOTED:
+        return
+    _NOTED.add(entry.name)
+    note = paddlemix_numerics_note(entry)
+    if note is not None:
+        logger.warning("%s %s", entry.name, note)
+
+
 def converted_dir(entry: PretrainedEntry, cache_dir: Optional[Union[str, Path]] = None) -> Path:
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     return root / "converted" / entry.name
@@ -367,6 +399,7 @@ def resolve_pretrained(
         cache_dir: cache root (default ``$PADDLEMIX_HOME``, else ``~/.cache/paddlemix``).
     """
     entry = name_or_arch if isinstance(name_or_arch, PretrainedEntry) else get_pretrained_entry(name_or_arch, tag)
+    _note_paddlemix_numerics(entry)
     if source not in ("auto",) + SOURCES:
         raise ValueError(f"source must be 'auto', 'paddlemix' or 'hf', got {source!r}")
     root = Path(cache_dir).expanduser() if cache_dir is not None else None
@@ -441,13 +474,16 @@ def _convert_legacy_dir(path: Path, raw: Dict[str, Any]) -> Path:
     """A local PaddleMIX directory (its own config schema and .pdparams) as a paddlemix directory.
 
     Converted once into the cache, keeping the source's precision (a user's own fine-tuned
-    fp32 weights stay fp32); converted again when the source weights change (size or mtime).
+    fp32 weights stay fp32); converted again when the source weights change (size or mtime)
+    or the translated architecture does (an edited config.json, or a corrected translation).
     """
     weights = path / PADDLEMIX_FILES[1]
     if not weights.is_file():
         raise FileNotFoundError(f"PaddleMIX model directory {path} has no {PADDLEMIX_FILES[1]}")
     st = weights.stat()
-    stamp = {"path": str(weights.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    model_cfg = legacy_config_to_model_cfg(raw)
+    cfg_key = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()
+    stamp = {"path": str(weights.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model_cfg": cfg_key}
     out = _legacy_dir_target(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(out.with_name(out.name + ".lock"), str(path)):
@@ -455,7 +491,6 @@ def _convert_legacy_dir(path: Path, raw: Dict[str, Any]) -> Path:
             recorded = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8")).get("source", {})
             if all(recorded.get(k) == v for k, v in stamp.items()):
                 return out
-        model_cfg = legacy_config_to_model_cfg(raw)
         return write_model_dir(weights, model_cfg, out, dtype="keep", layout="paddlemix_legacy",
                                source={"source": "local PaddleMIX directory", **stamp}, overwrite=True)
 

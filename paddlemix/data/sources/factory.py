@@ -16,7 +16,8 @@ __all__ = ["TASK_NAME_HELP", "build_train_dataset", "resolve_coco_karpathy"]
 _logger = logging.getLogger(__name__)
 
 TASK_NAME_HELP = (
-    "'demo' (built-in synthetic data), 'coco_karpathy' (with data_root), a COCO Karpathy '.json', a "
+    "'demo' (built-in synthetic data), 'coco_karpathy' (data_root, or PaddleMIX's coco.tar downloaded into "
+    "$PADDLEMIX_HOME/datasets once), a COCO Karpathy '.json', a "
     "'.jsonl' / '.csv' / '.tsv' of image paths and captions, a PaddleMIX LAION filelist "
     "('.txt' / '.filelist' / '.gz'), or a webdataset shard pattern ('/data/{00000..00099}.tar')"
 )
@@ -79,7 +80,8 @@ def build_train_dataset(
         task_name: which data (see ``TASK_NAME_HELP``).
         transform: PIL image -> float32 CHW array (``image_transform(..., output='numpy')``).
         tokenizer: has ``batch_encode(texts, context_length)``.
-        data_root: 'coco_karpathy': the COCO folder; 'demo': where to generate the demo data
+        data_root: 'coco_karpathy': the COCO folder (default: PaddleMIX's archive, downloaded into
+            ``paddlemix.data.coco.default_datasets_dir()`` once); 'demo': where to generate the demo data
             (default ``paddlemix.data.demo.demo_cache_dir()``).
         image_root: folder of relative image paths (COCO JSON, JSONL/CSV); default the annotation
             file's folder.
@@ -114,7 +116,10 @@ def build_train_dataset(
                                    name="demo", **mapped)
     if task_name == "coco_karpathy":
         if not data_root:
-            raise ValueError("task_name='coco_karpathy' needs data_root= (the COCO folder with annotations/).")
+            # As PaddleMIX does: its coco.tar, fetched and extracted once into the cache.
+            from paddlemix.data.coco import coco_karpathy_root
+
+            data_root = str(coco_karpathy_root())
         annotation, root = resolve_coco_karpathy(data_root, image_root)
         return CocoKarpathyDataset(annotation, transform, tokenizer, image_root=root, **mapped)
 

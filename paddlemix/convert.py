@@ -24,10 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .zoo.checkpoint import CheckpointError
-from .zoo.convert import ConversionError
+from .errors import PaddleMIXError
 from .zoo.export import DTYPES, read_manifest, source_check, write_model_dir
-from .zoo.loading import WeightLoadError
 from .zoo.pretrained import model_config
 
 logger = logging.getLogger("paddlemix.convert")
@@ -86,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         write_model_dir(src, cfg, out, dtype=args.dtype, layout=layout, overwrite=args.overwrite, check=check,
                         source={"path": str(src.resolve()), "model": args.model or str(src)})
-    except (CheckpointError, ConversionError, WeightLoadError, FileExistsError, RuntimeError) as e:
+    except (PaddleMIXError, FileExistsError, RuntimeError) as e:
         logger.error("%s; nothing was written to %s", e, out)
         return 1
     manifest = read_manifest(out)

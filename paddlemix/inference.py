@@ -40,6 +40,7 @@ import numpy as np
 import paddle
 import paddle.inference as paddle_infer
 
+from .errors import PaddleMIXError
 from ._env import available_cpus
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ CPU_PASSES_OFF = ("matmul_elementwise_add_fuse_pass",)
 ArrayLike = Union[np.ndarray, paddle.Tensor, Sequence]
 
 
-class ExportError(ValueError):
+class ExportError(PaddleMIXError, ValueError):
     """An export directory that cannot be used, or inputs that do not fit it."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import paddle
 from PIL import Image
 
+from ..errors import PaddleMIXError
 from .imagenet_metadata import CIFAR_TEMPLATES, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ class ImageListDataset(paddle.io.Dataset):
 # ----------------------------------------------------------------------------- CIFAR
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(PaddleMIXError, pickle.UnpicklingError):
     """The pickle asked for a global outside the allow-list (it is not a plain CIFAR file)."""
 
 

@@ -23,6 +23,8 @@ import re
 import shutil
 from typing import Callable, Iterator, Optional
 
+from ..errors import PaddleMIXError
+
 __all__ = ["CheckpointSaveError", "STAGING_PREFIX", "staging_path", "staged_checkpoint", "last_complete_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(PaddleMIXError, OSError):
     """A checkpoint could not be written; the previous complete checkpoint is untouched."""
 
 

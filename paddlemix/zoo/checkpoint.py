@@ -37,6 +37,8 @@ from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Nam
 
 import numpy as np
 
+from ..errors import PaddleMIXError
+
 __all__ = [
     "CheckpointError",
     "load_state_dict",
@@ -108,7 +110,7 @@ _NUMPY_TO_SAFETENSORS = {
 _TENSOR_KINDS = "biuf"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PaddleMIXError, ValueError):
     """A weights file that cannot be read safely: corrupt, truncated, unsupported or malicious."""
 
 

@@ -37,6 +37,8 @@ from typing import BinaryIO, Iterator, Optional, Tuple
 
 from tqdm import tqdm
 
+from ..errors import PaddleMIXError
+
 try:
     import fcntl
 except ImportError:  # Windows has no flock; see _exclusive_lock.
@@ -81,7 +83,7 @@ _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _RETRY_HTTP_CODES = frozenset({408, 425, 429})
 
 
-class DownloadError(RuntimeError):
+class DownloadError(PaddleMIXError, RuntimeError):
     """A model file could not be made available in the cache."""
 
 

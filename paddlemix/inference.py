@@ -42,6 +42,7 @@ import paddle.inference as paddle_infer
 
 from .errors import PaddleMIXError
 from ._env import available_cpus
+from ._util import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -179,11 +180,6 @@ def _to_numpy(x: ArrayLike) -> np.ndarray:
     return x.numpy() if isinstance(x, paddle.Tensor) else np.asarray(x)
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    """As ``F.normalize``: x / max(||x||, 1e-12)."""
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class ExportedCLIP:
     """The exported image and/or text encoder of a CLIP model, run by Paddle Inference.
 
@@ -220,7 +216,7 @@ class ExportedCLIP:
         if tower not in self._towers:
             raise ExportError(f"the {tower} tower was not loaded; loaded: {self.towers}")
         out = self._towers[tower](_to_numpy(x))
-        return _l2_normalize(out) if normalize and not self.normalized else out
+        return l2_normalize(out) if normalize and not self.normalized else out
 
     def encode_image(self, images: ArrayLike, normalize: bool = False) -> np.ndarray:
         return self._encode("image", images, normalize)

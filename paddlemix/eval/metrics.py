@@ -27,6 +27,8 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._util import l2_normalize
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -185,12 +187,6 @@ def _found_block(block: np.ndarray, pos: np.ndarray, ks: Sequence[int]) -> Dict[
     return {k: valid & (beaten_by < k) for k in ks}
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norm, np.float32(1e-12))
-
-
 def retrieval_metrics(
     image_features, text_features, text_to_image, ks: Sequence[int] = RETRIEVAL_KS
 ) -> Dict[str, float]:
@@ -200,8 +196,8 @@ def retrieval_metrics(
     CLIP_benchmark, ``image_retrieval_recall@k`` is text -> image (each caption is a query) and
     ``text_retrieval_recall@k`` is image -> text (each image is a query; any of its captions counts).
     """
-    img = _l2_normalize(image_features)
-    txt = _l2_normalize(text_features)
+    img = l2_normalize(np.asarray(image_features, dtype=np.float32))
+    txt = l2_normalize(np.asarray(text_features, dtype=np.float32))
     t2i = np.asarray(text_to_image, dtype=np.int64)
     if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
         raise ValueError(f"features must be [N, D] with equal D; got images {img.shape}, texts {txt.shape}")

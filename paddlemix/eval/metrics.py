@@ -26,6 +26,7 @@ import logging
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
+import scipy.stats
 
 from .._util import l2_normalize
 
@@ -227,21 +228,11 @@ def retrieval_metrics(
 
 
 def rankdata(x) -> np.ndarray:
-    """1-based ranks with ties given their average rank (scipy's ``rankdata(method='average')``)."""
+    """1-based ranks with ties given their average rank (``scipy.stats.rankdata``); NaN is refused."""
     x = np.asarray(x, dtype=np.float64).ravel()
     if np.isnan(x).any():
         raise ValueError(f"cannot rank data containing NaN ({int(np.isnan(x).sum())} values)")
-    n = x.size
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts_group = np.concatenate([[True], xs[1:] != xs[:-1]]) if n else np.zeros(0, dtype=bool)
-    group = np.cumsum(starts_group) - 1
-    starts = np.flatnonzero(starts_group)
-    ends = np.append(starts[1:], n)
-    average = (starts + ends + 1) / 2.0  # mean of the 1-based positions start+1 .. end
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = average[group]
-    return ranks
+    return scipy.stats.rankdata(x, method="average")
 
 
 def pearson(x, y) -> float:
@@ -260,5 +251,15 @@ def pearson(x, y) -> float:
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation (Pearson of average ranks, so ties are handled as scipy does)."""
-    return pearson(rankdata(x), rankdata(y))
+    """Spearman rank correlation (``scipy.stats.spearmanr``; ties get average ranks).
+
+    Inputs are checked as in :func:`pearson` and :func:`rankdata`: NaN is refused, and a constant
+    input gives NaN with a logged warning.
+    """
+    x, y = rankdata(x), rankdata(y)
+    if x.shape != y.shape or x.size < 2:
+        raise ValueError(f"need two equally long sequences of at least 2 values, got {x.size} and {y.size}")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        logger.warning("correlation is undefined for a constant input; returning NaN")
+        return float("nan")
+    return float(scipy.stats.spearmanr(x, y).statistic)

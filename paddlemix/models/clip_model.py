@@ -179,6 +179,16 @@ class CLIP(PretrainedModel):
         """PaddleNLP's save, defaulting to safetensors: weights others load should not be pickles."""
         return super().save_pretrained(save_dir, *args, safe_serialization=safe_serialization, **kwargs)
 
+    # How a name or directory becomes weights is the model zoo's business: ``paddlemix.zoo``
+    # registers its loader here when imported (importing paddlemix does), so this module imports
+    # nothing from the zoo and the dependency points one way.
+    _pretrained_loader: Optional[Callable[..., "CLIP"]] = None
+
+    @staticmethod
+    def register_pretrained_loader(loader: Callable[..., "CLIP"]) -> None:
+        """Set the function behind ``from_pretrained``: ``loader(cls, name_or_path, *args, dtype=..., **kwargs)``."""
+        CLIP._pretrained_loader = loader
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype: Optional[str] = None, **kwargs):
         """Build from ``config.json`` and load the weights with the strict, pickle-free loader.
@@ -187,18 +197,9 @@ class CLIP(PretrainedModel):
         or a model-zoo name. Unlike PaddleNLP's loader, a third-party directory never reaches
         a full pickle load, and missing or unexpected weights are an error.
         """
-        from ..zoo.loading import load_checkpoint
-        from ..zoo.pretrained import resolve_model_dir
-
-        if args or kwargs:
-            raise TypeError(f"unsupported from_pretrained arguments: {args} {sorted(kwargs)}")
-        path = resolve_model_dir(pretrained_model_name_or_path)
-        model = cls(cls.config_class.from_pretrained(str(path)))
-        load_checkpoint(model, path)
-        if dtype is not None:
-            model.to(dtype=dtype)
-        model.eval()
-        return model
+        if CLIP._pretrained_loader is None:
+            raise RuntimeError("CLIP.from_pretrained needs the model zoo's loader; `import paddlemix.zoo` registers it")
+        return CLIP._pretrained_loader(cls, pretrained_model_name_or_path, *args, dtype=dtype, **kwargs)
 
     # PaddleNLP calls this for layers whose weights were not in a checkpoint; the towers
     # initialise themselves in their constructors, so nothing is re-initialised here.

@@ -16,12 +16,11 @@ Choices made here, per device:
 * CPU: Paddle's own CPU kernels (MKL GEMMs, the same ``addmm`` / attention kernels as the
   dynamic model, see :func:`paddlemix.models.layers.addmm_linear`) with its graph passes, and
   ``cpu_threads`` math threads (default: the CPUs this process may use, see
-  :func:`paddlemix._env.available_cpus`). ``onednn=True`` runs oneDNN instead; it was slower
-  on the 2-core AMD EPYC (AVX2) this was measured on: ViT-B-32 batch 16, image tower 15.3 vs
-  16.7 img/s, text tower 20.8 vs 21.9 texts/s; EVA02-B-16 image 3.32 vs 3.60 img/s. With oneDNN
-  one fusion is turned off: ``matmul_elementwise_add_fuse_pass`` folds the text tower's
-  causal-mask add into the attention matmul, and oneDNN then runs that matmul with a
-  broadcast post-op on a reference path (a 77-token batch of 4 took 9.2 s instead of 0.1 s).
+  :func:`paddlemix._env.available_cpus`). ``onednn=True`` runs oneDNN instead; it is opt-in
+  because it was not faster on the AVX2 CPU the defaults were measured on (numbers: README,
+  Performance). With oneDNN one fusion is turned off: ``matmul_elementwise_add_fuse_pass`` folds
+  the text tower's causal-mask add into the attention matmul, and oneDNN then runs that matmul
+  with a broadcast post-op on a reference path, orders of magnitude slower.
 * GPU: TensorRT when this Paddle was built with it and ``tensorrt`` is not False (dynamic batch
   from 1 to ``max_batch_size``), plain GPU kernels otherwise; ``precision="fp16"`` asks for
   half precision on GPU. This GPU path is written against Paddle's documented API but has not

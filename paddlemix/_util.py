@@ -72,5 +72,10 @@ def read_lines(path: PathLike, what: str = "lines") -> List[str]:
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length, as ``paddle.nn.functional.normalize``: x / max(||x||, 1e-12); keeps x's dtype."""
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), x.dtype.type(1e-12))
+    """Rows scaled to unit length, as ``paddle.nn.functional.normalize``: x / max(||x||, 1e-12); keeps x's dtype.
+
+    Computed in at least float32: in float16 the 1e-12 floor is 0, and a zero row would become NaN.
+    """
+    wide = x.astype(np.promote_types(x.dtype, np.float32), copy=False)
+    out = wide / np.maximum(np.linalg.norm(wide, axis=-1, keepdims=True), wide.dtype.type(1e-12))
+    return out.astype(x.dtype, copy=False)

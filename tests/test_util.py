@@ -13,7 +13,9 @@ def test_l2_normalize_keeps_dtype_and_guards_zero_rows():
     y = l2_normalize(x)
     assert y.dtype == np.float32
     np.testing.assert_array_equal(y, np.array([[0.6, 0.8], [0.0, 0.0]], dtype=np.float32))
-    assert l2_normalize(x.astype(np.float16)).dtype == np.float16
+    half = l2_normalize(x.astype(np.float16))
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half, y.astype(np.float16))  # the zero row stays 0, not NaN
 
 
 def test_read_lines_strips_and_refuses_inner_blank_lines(tmp_path):

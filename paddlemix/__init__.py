@@ -13,6 +13,7 @@ if _env.started_as_cli():  # `python -m paddlemix.export` etc.: before the impor
 
 from .data.tokenizer import SimpleTokenizer, tokenize
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, image_transform
+from .errors import PaddleMIXError
 from .factory import create_model, create_model_and_transforms, get_model_preprocess_cfg, get_tokenizer
 from .models import CLIP, CLIPConfig
 from .zoo.pretrained import list_pretrained
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CLIP",
     "CLIPConfig",
+    "PaddleMIXError",
     "SimpleTokenizer",
     "create_model",
     "create_model_and_transforms",

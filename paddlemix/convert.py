@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .zoo.checkpoint import CheckpointError, iter_checkpoint_shards
-from .zoo.convert import ConversionError
+from .errors import PaddleMIXError
+from .zoo.checkpoint import iter_checkpoint_shards
 from .zoo.export import DTYPES, read_manifest, source_check, write_model_dir
-from .zoo.loading import WeightLoadError
 from .zoo.pretrained import model_config
 
 logger = logging.getLogger("paddlemix.convert")
@@ -102,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         write_model_dir(src, cfg, out, dtype=args.dtype, layout=layout, overwrite=args.overwrite, check=check,
                         source={"path": str(src.resolve()), "model": args.model or str(src)})
-    except (CheckpointError, ConversionError, WeightLoadError, FileExistsError, RuntimeError) as e:
+    except (PaddleMIXError, FileExistsError, RuntimeError) as e:
         logger.error("%s; nothing was written to %s", e, out)
         return 1
     manifest = read_manifest(out)
@@ -124,7 +123,7 @@ def _to_paddlemix(src: Path, out: Path, cfg: Dict[str, Any], dtype: str, layout:
     try:
         tensors, _, layout = convert_weights(iter_checkpoint_shards(src), cfg, dtype, layout, str(src))
         write_paddlemix_dir(tensors, cfg, out, overwrite=overwrite)
-    except (CheckpointError, ConversionError, WeightLoadError, FileExistsError) as e:
+    except (PaddleMIXError, FileExistsError) as e:
         logger.error("%s; nothing was written to %s", e, out)
         return 1
     back = convert_state_dict(load_state_dict(out / LEGACY_WEIGHTS_NAME), "paddlemix_legacy")

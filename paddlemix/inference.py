@@ -16,12 +16,11 @@ Choices made here, per device:
 * CPU: Paddle's own CPU kernels (MKL GEMMs, the same ``addmm`` / attention kernels as the
   dynamic model, see :func:`paddlemix.models.layers.addmm_linear`) with its graph passes, and
   ``cpu_threads`` math threads (default: the CPUs this process may use, see
-  :func:`paddlemix._env.available_cpus`). ``onednn=True`` runs oneDNN instead; it was slower
-  on the 2-core AMD EPYC (AVX2) this was measured on: ViT-B-32 batch 16, image tower 15.3 vs
-  16.7 img/s, text tower 20.8 vs 21.9 texts/s; EVA02-B-16 image 3.32 vs 3.60 img/s. With oneDNN
-  one fusion is turned off: ``matmul_elementwise_add_fuse_pass`` folds the text tower's
-  causal-mask add into the attention matmul, and oneDNN then runs that matmul with a
-  broadcast post-op on a reference path (a 77-token batch of 4 took 9.2 s instead of 0.1 s).
+  :func:`paddlemix._env.available_cpus`). ``onednn=True`` runs oneDNN instead; it is opt-in
+  because it was not faster on the AVX2 CPU the defaults were measured on (numbers: README,
+  Performance). With oneDNN one fusion is turned off: ``matmul_elementwise_add_fuse_pass`` folds
+  the text tower's causal-mask add into the attention matmul, and oneDNN then runs that matmul
+  with a broadcast post-op on a reference path, orders of magnitude slower.
 * GPU: TensorRT when this Paddle was built with it and ``tensorrt`` is not False (dynamic batch
   from 1 to ``max_batch_size``), plain GPU kernels otherwise; ``precision="fp16"`` asks for
   half precision on GPU. This GPU path is written against Paddle's documented API but has not
@@ -40,7 +39,9 @@ import numpy as np
 import paddle
 import paddle.inference as paddle_infer
 
+from .errors import PaddleMIXError
 from ._env import available_cpus
+from ._util import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ CPU_PASSES_OFF = ("matmul_elementwise_add_fuse_pass",)
 ArrayLike = Union[np.ndarray, paddle.Tensor, Sequence]
 
 
-class ExportError(ValueError):
+class ExportError(PaddleMIXError, ValueError):
     """An export directory that cannot be used, or inputs that do not fit it."""
 
 
@@ -178,11 +179,6 @@ def _to_numpy(x: ArrayLike) -> np.ndarray:
     return x.numpy() if isinstance(x, paddle.Tensor) else np.asarray(x)
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    """As ``F.normalize``: x / max(||x||, 1e-12)."""
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class ExportedCLIP:
     """The exported image and/or text encoder of a CLIP model, run by Paddle Inference.
 
@@ -219,7 +215,7 @@ class ExportedCLIP:
         if tower not in self._towers:
             raise ExportError(f"the {tower} tower was not loaded; loaded: {self.towers}")
         out = self._towers[tower](_to_numpy(x))
-        return _l2_normalize(out) if normalize and not self.normalized else out
+        return l2_normalize(out) if normalize and not self.normalized else out
 
     def encode_image(self, images: ArrayLike, normalize: bool = False) -> np.ndarray:
         return self._encode("image", images, normalize)

@@ -231,10 +231,9 @@ def test_reader_never_sees_partial_file(server):
 # The child loads download.py by file path: it needs only the standard library
 # and tqdm, and skipping the package import (Paddle) keeps each child ~0.1 s.
 _CHILD = """
-import importlib.util, json, logging, sys
-spec = importlib.util.spec_from_file_location("zoo_download", sys.argv[5])
-dl = sys.modules["zoo_download"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dl)
+import importlib, json, logging, sys
+dl = importlib.import_module("paddlemix.zoo.download")
+assert dl.__file__ == sys.argv[5], (dl.__file__, sys.argv[5])
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 path = dl.fetch(sys.argv[1], sys.argv[2], host=sys.argv[3], sha256=sys.argv[4], backoff=0.01, progress=False)
 print(json.dumps({"path": str(path), "sha256": dl.file_sha256(path)}))

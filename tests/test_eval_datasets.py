@@ -204,3 +204,22 @@ def test_demo_eval_set(tmp_path):
 
 def read_lines_of(path):
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def test_cifar_pickle_memo_index_costs_no_memory(tmp_path):
+    """The C unpickler sizes its memo by the largest index (2**28 here: gigabytes); the shared reader does not."""
+    path = tmp_path / "test_batch"
+    path.write_bytes(b"\x80\x02N" + b"r" + (1 << 28).to_bytes(4, "little") + b".")
+    assert restricted_pickle_load(path) is None
+
+
+def test_cifar_pickle_errors_are_the_zoo_checkpoint_error(tmp_path):
+    from paddlemix.zoo.checkpoint import CheckpointError
+
+    path = tmp_path / "test_batch"
+    path.write_bytes(b"\x80\x02cbuiltins\neval\nX\x04\x00\x00\x001+1\x85R.")
+    with pytest.raises(CheckpointError, match=str(path)):
+        restricted_pickle_load(path)
+    path.write_bytes(b"\x80\x02}q\x00")  # truncated
+    with pytest.raises(CheckpointError, match="corrupt or unreadable pickle"):
+        restricted_pickle_load(path)

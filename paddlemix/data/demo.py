@@ -22,7 +22,6 @@ Every caption names exactly the colour and the shape of its picture, so the prom
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -31,15 +30,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; concurrent first use is then the caller's problem.
-    fcntl = None
+from .._util import exclusive_lock, read_lines
 
 __all__ = [
     "COLOURS",
@@ -311,20 +307,6 @@ def _is_complete(root: Path, params: Dict) -> bool:
     return all(p.is_file() for p in expected)
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Serialise generation between processes (e.g. all ranks of a launch asking on first use)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def make_demo_dataset(
         root: Union[str, os.PathLike, None] = None,
         num_train: int = 3200,
@@ -364,7 +346,8 @@ def make_demo_dataset(
     if _is_complete(root, params):
         return _paths(root, params)
 
-    with _exclusive_lock(root.parent / f".{root.name}.lock"):
+    # Serialise generation between processes (e.g. all ranks of a launch asking on first use).
+    with exclusive_lock(root.parent / f".{root.name}.lock", f"generating the demo dataset at {root}"):
         if _is_complete(root, params):  # another process finished while we waited
             return _paths(root, params)
         if root.exists() and any(root.iterdir()) and not (root / MARKER).is_file():
@@ -392,12 +375,6 @@ def make_demo_dataset(
         100.0 / params["num_classes"],
     )
     return _paths(root, params)
-
-
-def read_lines(path: Union[str, os.PathLike]) -> List[str]:
-    """Non-empty lines of a labels.txt / templates.txt."""
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
 
 
 def describe(paths: DemoPaths) -> str:

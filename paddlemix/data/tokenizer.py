@@ -299,7 +299,7 @@ class SimpleTokenizer(_WordCachedTokenizer):
 
 @functools.lru_cache(maxsize=None)
 def default_tokenizer() -> SimpleTokenizer:
-    """The shared default tokenizer, built on first use (loading the merges takes ~0.1 s)."""
+    """The shared default tokenizer, built on first use (loading the merges is not free, so not at import)."""
     return SimpleTokenizer()
 
 

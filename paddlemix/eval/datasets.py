@@ -4,17 +4,15 @@ Every dataset returns numpy (``transform`` should be built with ``output='numpy'
 loader workers never create Paddle tensors; the loader collates in the main process.
 
 CIFAR ships as Python pickles. Unpickling an untrusted download with ``pickle.load`` can run any
-code, so the files are read by an unpickler that resolves only the few numpy globals an array
-needs and rejects everything else before it is called.
+code, so the files are read by the zoo's restricted unpickler (``zoo/checkpoint.py``, the one that
+reads weights): it resolves only the few numpy globals an array needs and refuses everything else.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import os
-import pickle
 import string
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -23,6 +21,8 @@ import numpy as np
 import paddle
 from PIL import Image
 
+from .._util import read_lines
+from ..zoo.checkpoint import CheckpointError, load_array_pickle
 from .imagenet_metadata import CIFAR_TEMPLATES, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -77,19 +77,6 @@ def list_images(root: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) ->
         rel_dir = Path(dirpath).relative_to(root)
         found += [(rel_dir / name).as_posix() for name in filenames if name.lower().endswith(exts)]
     return sorted(found)
-
-
-def read_lines(path: PathLike, what: str) -> List[str]:
-    """Non-empty stripped lines; a blank line inside the file is an error (it would shift every index)."""
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()
-    blank = [i + 1 for i, line in enumerate(lines) if not line]
-    if blank:
-        raise ValueError(f"{path}: {what} file has blank line(s) {blank[:5]}; remove them (one entry per line)")
-    if not lines:
-        raise ValueError(f"{path}: {what} file is empty")
-    return lines
 
 
 _FIELD_NAMES = ("", "0", "c")
@@ -184,40 +171,17 @@ class ImageListDataset(paddle.io.Dataset):
 # ----------------------------------------------------------------------------- CIFAR
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle asked for a global outside the allow-list (it is not a plain CIFAR file)."""
-
-
-# What a pickled numpy array needs (numpy 1.x and 2.x module names), and what Python 3 emits for
-# bytes at protocol < 3. None of these can run code chosen by the file.
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise UnsafePickleError(
-                f"refusing to load global {module}.{name} from an untrusted pickle; a CIFAR release file "
-                "only contains dicts, lists, bytes and numpy arrays"
-            )
-        return super().find_class(module, name)
+# Read by the zoo's restricted unpickler: the same allow-list, limits and error as weights files.
+UnsafePickleError = CheckpointError
 
 
 def restricted_pickle_load(path: PathLike) -> Any:
-    """``pickle.load`` limited to plain containers and numpy arrays.
+    """Plain containers and numpy arrays from a pickle; any other global is refused with a ``CheckpointError``.
 
-    ``encoding='latin1'`` is what numpy documents for Python 2 pickles of arrays (the CIFAR release
-    was written by Python 2), and it maps every 8-bit string back to the same bytes.
+    Strings from Python 2 pickles (the CIFAR release was written by Python 2) are read as latin1,
+    which maps every 8-bit string back to the same bytes.
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    return load_array_pickle(path, python2=True)
 
 
 def _get(d: Dict, key: str, path: Path):

@@ -26,6 +26,9 @@ import logging
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
+import scipy.stats
+
+from .._util import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -185,12 +188,6 @@ def _found_block(block: np.ndarray, pos: np.ndarray, ks: Sequence[int]) -> Dict[
     return {k: valid & (beaten_by < k) for k in ks}
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norm, np.float32(1e-12))
-
-
 def retrieval_metrics(
     image_features, text_features, text_to_image, ks: Sequence[int] = RETRIEVAL_KS
 ) -> Dict[str, float]:
@@ -200,8 +197,8 @@ def retrieval_metrics(
     CLIP_benchmark, ``image_retrieval_recall@k`` is text -> image (each caption is a query) and
     ``text_retrieval_recall@k`` is image -> text (each image is a query; any of its captions counts).
     """
-    img = _l2_normalize(image_features)
-    txt = _l2_normalize(text_features)
+    img = l2_normalize(np.asarray(image_features, dtype=np.float32))
+    txt = l2_normalize(np.asarray(text_features, dtype=np.float32))
     t2i = np.asarray(text_to_image, dtype=np.int64)
     if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
         raise ValueError(f"features must be [N, D] with equal D; got images {img.shape}, texts {txt.shape}")
@@ -231,21 +228,11 @@ def retrieval_metrics(
 
 
 def rankdata(x) -> np.ndarray:
-    """1-based ranks with ties given their average rank (scipy's ``rankdata(method='average')``)."""
+    """1-based ranks with ties given their average rank (``scipy.stats.rankdata``); NaN is refused."""
     x = np.asarray(x, dtype=np.float64).ravel()
     if np.isnan(x).any():
         raise ValueError(f"cannot rank data containing NaN ({int(np.isnan(x).sum())} values)")
-    n = x.size
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts_group = np.concatenate([[True], xs[1:] != xs[:-1]]) if n else np.zeros(0, dtype=bool)
-    group = np.cumsum(starts_group) - 1
-    starts = np.flatnonzero(starts_group)
-    ends = np.append(starts[1:], n)
-    average = (starts + ends + 1) / 2.0  # mean of the 1-based positions start+1 .. end
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = average[group]
-    return ranks
+    return scipy.stats.rankdata(x, method="average")
 
 
 def pearson(x, y) -> float:
@@ -264,5 +251,15 @@ def pearson(x, y) -> float:
 
 
 def spearman(x, y) -> float:
-    """Spearman rank correlation (Pearson of average ranks, so ties are handled as scipy does)."""
-    return pearson(rankdata(x), rankdata(y))
+    """Spearman rank correlation (``scipy.stats.spearmanr``; ties get average ranks).
+
+    Inputs are checked as in :func:`pearson` and :func:`rankdata`: NaN is refused, and a constant
+    input gives NaN with a logged warning.
+    """
+    x, y = rankdata(x), rankdata(y)
+    if x.shape != y.shape or x.size < 2:
+        raise ValueError(f"need two equally long sequences of at least 2 values, got {x.size} and {y.size}")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        logger.warning("correlation is undefined for a constant input; returning NaN")
+        return float("nan")
+    return float(scipy.stats.spearmanr(x, y).statistic)

@@ -196,17 +196,33 @@ class CLIP(PretrainedModel):
         PaddleMIX's own directory, ``config.json`` in its schema + ``model_state.pdparams`` under its
         names, which PaddleMIX's ``CLIP`` / ``EVACLIP.from_pretrained`` read.
         """
-        if layout in ("paddlemix", "paddlemix_legacy"):
-            from ..zoo.legacy import write_paddlemix_dir
-
+        if layout is not None:
+            writer = CLIP._layout_writers.get(layout)
+            if writer is None:
+                raise ValueError(
+                    f"layout must be None (this project's directory) or one of {sorted(CLIP._layout_writers)}, got {layout!r}"
+                )
             if args or kwargs:
                 raise TypeError(f"layout={layout!r} takes no further save arguments, got {args} {sorted(kwargs)}")
-            model_cfg = self.config.to_model_cfg()
-            state = {name: t.numpy() for name, t in self.state_dict().items()}
-            return write_paddlemix_dir(state, model_cfg, save_dir, overwrite=True)
-        if layout is not None:
-            raise ValueError(f"layout must be None (this project's directory) or 'paddlemix', got {layout!r}")
+            return writer(self, save_dir)
         return super().save_pretrained(save_dir, *args, safe_serialization=safe_serialization, **kwargs)
+
+    # How a name or directory becomes weights is the model zoo's business: ``paddlemix.zoo``
+    # registers its loader here when imported (importing paddlemix does), so this module imports
+    # nothing from the zoo and the dependency points one way.
+    _pretrained_loader: Optional[Callable[..., "CLIP"]] = None
+    # Other projects' directory layouts (PaddleMIX's) are written by the zoo, registered the same way.
+    _layout_writers: Dict[str, Callable[["CLIP", str], object]] = {}
+
+    @staticmethod
+    def register_layout_writer(layout: str, writer: Callable[["CLIP", str], object]) -> None:
+        """Make ``save_pretrained(dir, layout=layout)`` call ``writer(model, dir)``."""
+        CLIP._layout_writers[layout] = writer
+
+    @staticmethod
+    def register_pretrained_loader(loader: Callable[..., "CLIP"]) -> None:
+        """Set the function behind ``from_pretrained``: ``loader(cls, name_or_path, *args, dtype=..., **kwargs)``."""
+        CLIP._pretrained_loader = loader
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype: Optional[str] = None, **kwargs):
@@ -216,18 +232,9 @@ class CLIP(PretrainedModel):
         or a model-zoo name. Unlike PaddleNLP's loader, a third-party directory never reaches
         a full pickle load, and missing or unexpected weights are an error.
         """
-        from ..zoo.loading import load_checkpoint
-        from ..zoo.pretrained import resolve_model_dir
-
-        if args or kwargs:
-            raise TypeError(f"unsupported from_pretrained arguments: {args} {sorted(kwargs)}")
-        path = resolve_model_dir(pretrained_model_name_or_path)
-        model = cls(cls.config_class.from_pretrained(str(path)))
-        load_checkpoint(model, path)
-        if dtype is not None:
-            model.to(dtype=dtype)
-        model.eval()
-        return model
+        if CLIP._pretrained_loader is None:
+            raise RuntimeError("CLIP.from_pretrained needs the model zoo's loader; `import paddlemix.zoo` registers it")
+        return CLIP._pretrained_loader(cls, pretrained_model_name_or_path, *args, dtype=dtype, **kwargs)
 
     # PaddleNLP calls this for layers whose weights were not in a checkpoint; the towers
     # initialise themselves in their constructors, so nothing is re-initialised here.

@@ -13,10 +13,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from paddlenlp.transformers import PretrainedConfig
 
+from ..errors import PaddleMIXError
+
 __all__ = ["VisionCfg", "TextCfg", "CLIPConfig", "ConfigError"]
 
 
-class ConfigError(ValueError):
+class ConfigError(PaddleMIXError, ValueError):
     """A model config with unknown keys, wrong types or inconsistent values."""
 
 

@@ -42,6 +42,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ..errors import PaddleMIXError
 from .layers import LayerNorm, RMSNorm
 
 __all__ = [
@@ -66,7 +67,7 @@ _OP_DTYPES = (paddle.float32, paddle.float16, paddle.bfloat16)
 _CUDA_MAX_COLS = 8192  # fused_ln_cuda.cuh: kMaxCols
 
 
-class FusedNormUnavailableError(RuntimeError):
+class FusedNormUnavailableError(PaddleMIXError, RuntimeError):
     """The fused_ln operator was required (``require_op=True``) but cannot be loaded."""
 
 

@@ -23,6 +23,9 @@ import re
 import shutil
 from typing import Callable, Iterator, Optional
 
+from .._util import fsync_dir
+from ..errors import PaddleMIXError
+
 __all__ = ["CheckpointSaveError", "STAGING_PREFIX", "staging_path", "staged_checkpoint", "last_complete_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -32,7 +35,7 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(PaddleMIXError, OSError):
     """A checkpoint could not be written; the previous complete checkpoint is untouched."""
 
 
@@ -67,15 +70,7 @@ def _fsync_tree(root: str) -> None:
         for name in files:
             with open(os.path.join(folder, name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(folder)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(folder)
 
 
 def _publish(staged: str, final: str) -> None:
@@ -91,7 +86,7 @@ def _publish(staged: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(staged, final)
-    _fsync_dir(os.path.dirname(final))
+    fsync_dir(os.path.dirname(final))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -1,0 +1,38 @@
+"""The model zoo: names, downloads, checkpoint formats, and loading weights into models.
+
+The dependency points one way, zoo -> models: ``CLIP.from_pretrained`` reaches the zoo through the
+loader registered below, so model code never imports the zoo.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..models.clip_model import CLIP
+from .loading import load_checkpoint
+from .pretrained import resolve_model_dir
+
+
+def load_pretrained_model(cls, pretrained_model_name_or_path, *args, dtype: Optional[str] = None, **kwargs) -> CLIP:
+    """``CLIP.from_pretrained``: a model directory or zoo name, weights read by the strict loader, in eval mode."""
+    if args or kwargs:
+        raise TypeError(f"unsupported from_pretrained arguments: {args} {sorted(kwargs)}")
+    path = resolve_model_dir(pretrained_model_name_or_path)
+    model = cls(cls.config_class.from_pretrained(str(path)))
+    load_checkpoint(model, path)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.eval()
+    return model
+
+
+def save_paddlemix_layout(model: CLIP, save_dir) -> object:
+    """``save_pretrained(dir, layout="paddlemix")``: PaddleMIX's ``config.json`` schema + ``model_state.pdparams``."""
+    from .legacy import write_paddlemix_dir
+
+    state = {name: t.numpy() for name, t in model.state_dict().items()}
+    return write_paddlemix_dir(state, model.config.to_model_cfg(), save_dir, overwrite=True)
+
+
+CLIP.register_pretrained_loader(load_pretrained_model)
+for _layout in ("paddlemix", "paddlemix_legacy"):
+    CLIP.register_layout_writer(_layout, save_paddlemix_layout)

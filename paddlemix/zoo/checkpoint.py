@@ -37,6 +37,8 @@ from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Nam
 
 import numpy as np
 
+from ..errors import PaddleMIXError
+
 __all__ = [
     "CheckpointError",
     "load_state_dict",
@@ -108,7 +110,7 @@ _NUMPY_TO_SAFETENSORS = {
 _TENSOR_KINDS = "biuf"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PaddleMIXError, ValueError):
     """A weights file that cannot be read safely: corrupt, truncated, unsupported or malicious."""
 
 
@@ -1221,3 +1223,45 @@ def save_safetensors(
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------------------
+# Pickles of plain arrays (datasets such as the CIFAR python release)
+# --------------------------------------------------------------------------------------
+
+
+class _Python2Array(_PickledArray):
+    """An array from a Python 2 pickle read as latin1: its data arrives as text, mapped back to the same bytes."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and state and isinstance(state[-1], str):
+            state = state[:-1] + (state[-1].encode("latin1"),)
+        super().__setstate__(state)
+
+
+def load_array_pickle(path: PathLike, python2: bool = False) -> Any:
+    """Dicts, lists and numpy arrays from a pickle, read by the same restricted unpickler (and with
+    the same :class:`CheckpointError`) as ``.pdparams`` weights; no other global is resolved.
+
+    ``python2``: the file may come from Python 2 (the CIFAR python release does); its byte strings
+    are read as latin1 text, the encoding numpy documents for such pickles of arrays.
+    """
+    table = _numpy_globals(path)
+    if python2:
+        validate = table[("numpy", "ndarray")]
+
+        def reconstruct(subtype: Any, shape: Any, typecode: Any) -> _PickledArray:
+            if subtype is not validate:
+                raise _error(path, f"array subclass {subtype!r} is not allowed")
+            return _Python2Array(path)
+
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            table[(module, "_reconstruct")] = reconstruct
+    unpickler = _RestrictedUnpickler(_map_file(path), path, table)
+    if python2:
+        unpickler.encoding = "latin1"
+    with _parse_errors_as(path, "pickle"):
+        obj = unpickler.load()
+    return _materialize(path, obj)

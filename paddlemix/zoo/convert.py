@@ -13,12 +13,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..errors import PaddleMIXError
+
 __all__ = ["detect_layout", "convert_state_dict", "resize_pos_embed", "hf_config_to_model_cfg", "ConversionError"]
 
 StateDict = Dict[str, np.ndarray]
 
 
-class ConversionError(ValueError):
+class ConversionError(PaddleMIXError, ValueError):
     """A checkpoint whose keys do not match any known layout, or that the rules cannot map."""
 
 

@@ -9,14 +9,14 @@ months. Hence the rules this module keeps:
   been checked, so no reader ever sees a half-written file.
 * An interrupted transfer is resumed with an HTTP ``Range`` request instead of
   starting over; transient failures are retried with exponential back-off.
-* One process downloads, the others wait: an exclusive ``flock`` on
+* One process downloads, the others wait: an exclusive lock (``filelock``) on
   ``<file>.lock`` serialises everyone who wants the same file.
 * After a fetch, ``<file>.sha256`` records the hash, size and mtime of what was
   verified, so a later cache hit costs one ``stat`` unless the file changed.
 * Offline mode (``PADDLEMIX_OFFLINE=1`` or ``offline=True``) never opens a
   connection; a missing file is reported with the exact path it was looked for.
 
-Only the standard library (``urllib``) and ``tqdm`` are used.
+Transfers use only the standard library (``urllib``) and ``tqdm``.
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator, Optional, Tuple
+from typing import BinaryIO, ContextManager, Optional, Tuple
 
 from tqdm import tqdm
 
-try:
-    import fcntl
-except ImportError:  # Windows has no flock; see _exclusive_lock.
-    fcntl = None
+from .._util import exclusive_lock, fsync_dir
+from ..errors import PaddleMIXError
+
 
 __all__ = [
     "DEFAULT_MODEL_HOST",
@@ -81,7 +80,7 @@ _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _RETRY_HTTP_CODES = frozenset({408, 425, 429})
 
 
-class DownloadError(RuntimeError):
+class DownloadError(PaddleMIXError, RuntimeError):
     """A model file could not be made available in the cache."""
 
 
@@ -436,40 +435,9 @@ def _transfer(source: str, part: Path, retries: int, backoff: float, timeout: fl
             time.sleep(delay)
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable; some platforms cannot open directories, which is fine."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path``; the kernel drops it if the holder dies.
-
-    The lock file is left in place: deleting it would let a late process lock a
-    fresh inode while another still holds the old one.
-    """
-    if fcntl is None:
-        _logger.warning("No fcntl on this platform: concurrent downloads of %s are not coordinated", what)
-        yield
-        return
-    with open(lock_path, "a+b") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _logger.info("Waiting for another process to finish downloading %s (lock %s)", what, lock_path)
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+def _exclusive_lock(lock_path: Path, what: str) -> ContextManager[None]:
+    """The inter-process lock that makes one process download ``what`` while the others wait."""
+    return exclusive_lock(lock_path, f"downloading {what}")
 
 
 def download_file(
@@ -539,7 +507,7 @@ def download_file(
                 "The copy on the host (or a proxy cache) is damaged, or the expected checksum is wrong."
             )
         os.replace(part, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         _write_record(dest, digest)
     return dest
 

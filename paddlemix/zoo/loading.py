@@ -16,6 +16,7 @@ import numpy as np
 import paddle
 
 
+from ..errors import PaddleMIXError
 from .checkpoint import iter_checkpoint_shards
 from .convert import ConversionError, convert_state_dict, detect_layout, resize_pos_embed
 
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["load_checkpoint", "load_state_dict_into", "WeightLoadError"]
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(PaddleMIXError, ValueError):
     """Missing, unexpected or mis-shaped weights."""
 
 

@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import paddle
 
+from ..errors import PaddleMIXError
 from ..models.config import CLIPConfig
 from ..models.transformer import TextTransformer, VisionTransformer
 from .checkpoint import iter_checkpoint_shards
@@ -75,7 +76,7 @@ HF_HUB_PREFIX = "hf-hub:"
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
 
-class UnknownPretrainedError(KeyError):
+class UnknownPretrainedError(PaddleMIXError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
 

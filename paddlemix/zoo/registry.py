@@ -12,6 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List
 
+from ..errors import PaddleMIXError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_DIR", "list_models", "get_model_config", "load_config_file", "UnknownModelError"]
@@ -19,7 +21,7 @@ __all__ = ["CONFIG_DIR", "list_models", "get_model_config", "load_config_file", 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(PaddleMIXError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
 

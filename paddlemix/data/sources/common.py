@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 from PIL import Image
 
+from ...errors import PaddleMIXError
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "SKIP_REASONS",
@@ -56,7 +58,7 @@ SKIP_REASONS: Tuple[str, ...] = (
 DEFAULT_MAX_PIXELS = 1 << 26
 
 
-class SampleError(Exception):
+class SampleError(PaddleMIXError):
     """A sample that must be skipped; ``reason`` is one of ``SKIP_REASONS``."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -67,7 +69,7 @@ class SampleError(Exception):
         self.detail = detail
 
 
-class SkippedTooManyError(RuntimeError):
+class SkippedTooManyError(PaddleMIXError, RuntimeError):
     """Raised when the fraction of skipped samples passes ``max_skip_fraction``."""
 
 

@@ -67,8 +67,8 @@ def _tower_flops(tokens: int, width: int, layers: int, hidden: int, swiglu: bool
 
 
 def model_flops(model: str) -> Dict[str, float]:
-    """Forward FLOPs per image and per 77-token text of a model in configs/models/ (matmuls only)."""
-    cfg = json.loads((ROOT / "configs" / "models" / f"{model}.json").read_text())
+    """Forward FLOPs per image and per 77-token text of a registered model (paddlemix/model_configs/; matmuls only)."""
+    cfg = json.loads((ROOT / "paddlemix" / "model_configs" / f"{model}.json").read_text())
     v, t, embed = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
     patch, width = v["patch_size"], v["width"]
     grid = v["image_size"] // patch

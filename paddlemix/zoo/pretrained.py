@@ -1,6 +1,6 @@
 """Pretrained weights: the zoo registry, and resolving a zoo name to a local model directory.
 
-The registry is data (``configs/pretrained.json``): every entry names an architecture
+The registry is data (``paddlemix/zoo/pretrained.json``): every entry names an architecture
 config, the preprocessing the weights were trained with, published numbers, and where the
 weights live: PaddleMIX's host (``<host>/paddlemix/CLIP/<name>/{config.json,
 model_state.pdparams}``, Paddle fp16/bf16) and the public PyTorch release on the HF hub.
@@ -43,7 +43,7 @@ from .download import (  # _exclusive_lock: the download layer's flock, reused s
 from .export import CONFIG_NAME, MANIFEST_NAME, manifest_problem, write_model_dir
 from .legacy import is_legacy_config, legacy_config_to_model_cfg
 from .loading import WeightLoadError, load_state_dict_into
-from .registry import CONFIG_DIR, UnknownModelError, get_model_config, load_config_file
+from .registry import UnknownModelError, get_model_config, load_config_file
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ __all__ = [
     "unregister_pretrained",
 ]
 
-REGISTRY_FILE = CONFIG_DIR.parent / "pretrained.json"
+REGISTRY_FILE = Path(__file__).resolve().with_name("pretrained.json")
 ENV_HF_ENDPOINT = "HF_ENDPOINT"  # the variable huggingface_hub itself reads, so one setting serves both
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 SOURCES = ("paddlemix", "hf")
@@ -95,7 +95,7 @@ class HFSource:
 
 @dataclass(frozen=True)
 class PretrainedEntry:
-    """One set of pretrained weights. See ``doc.fields`` in ``configs/pretrained.json``."""
+    """One set of pretrained weights. See ``doc.fields`` in ``paddlemix/zoo/pretrained.json``."""
 
     name: str
     arch: str
@@ -112,7 +112,7 @@ class PretrainedEntry:
     sha256: Mapping[str, str] = field(default_factory=dict)
     params_reported: Optional[str] = None
     note: Optional[str] = None
-    # An inline open_clip-schema config instead of ``configs/models/<arch>.json`` (custom zoos, tests).
+    # An inline open_clip-schema config instead of ``paddlemix/model_configs/<arch>.json`` (custom zoos, tests).
     model_cfg_override: Optional[Mapping[str, Any]] = None
 
     @classmethod
@@ -257,7 +257,7 @@ class PretrainedRegistry:
 
 @lru_cache(maxsize=1)
 def default_registry() -> PretrainedRegistry:
-    """The registry read from ``configs/pretrained.json`` (plus anything registered at run time)."""
+    """The registry read from ``paddlemix/zoo/pretrained.json`` (plus anything registered at run time)."""
     return PretrainedRegistry.from_file(REGISTRY_FILE)
 
 

@@ -1,4 +1,4 @@
-"""Registry of model architectures: every JSON file under ``configs/models/`` is one name.
+"""Registry of model architectures: every JSON file in ``paddlemix/model_configs/`` is one name.
 
 The JSON files are open_clip-schema model configs; ``list_models()`` is just their
 names, so adding an architecture is adding a file.
@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_DIR", "list_models", "get_model_config", "load_config_file", "UnknownModelError"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+# Package data (it ships in the wheel), so the registry works from any install and working directory.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 
 
 class UnknownModelError(KeyError):
@@ -28,7 +29,8 @@ class UnknownModelError(KeyError):
 def _configs() -> Dict[str, Dict[str, Any]]:
     if not CONFIG_DIR.is_dir():
         raise FileNotFoundError(
-            f"model config directory {CONFIG_DIR} is missing; install paddlemix from its source tree (pip install -e .)"
+            f"model config directory {CONFIG_DIR} is missing: this paddlemix install is incomplete; "
+            "reinstall it (pip install paddlemix, or pip install . from a checkout)"
         )
     return {p.stem: load_config_file(p) for p in sorted(CONFIG_DIR.glob("*.json"))}
 

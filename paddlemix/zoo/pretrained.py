@@ -43,7 +43,7 @@ from .download import (  # _exclusive_lock: the download layer's flock, reused s
 from .export import CONFIG_NAME, MANIFEST_NAME, manifest_problem, write_model_dir
 from .legacy import is_legacy_config, legacy_config_to_model_cfg
 from .loading import WeightLoadError, load_state_dict_into
-from .registry import UnknownModelError, get_model_config, load_config_file
+from .registry import UnknownModelError, get_model_config, load_config_file, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def _check_legacy_config(entry: PretrainedEntry, config_file: Path) -> None:
     A mismatch means the registry (or the host) is wrong; loading would fail later with a
     list of mis-shaped weights that hides the cause.
     """
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    raw = read_json(config_file)
     if not is_legacy_config(raw):
         return  # a mirror may hold a paddlemix-schema config; the strict loader still checks the weights
     hosted, ours = legacy_config_to_model_cfg(raw), entry.model_cfg()
@@ -473,7 +473,7 @@ def resolve_model_dir(name_or_path: Union[str, Path]) -> Path:
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"model directory {path} has no {CONFIG_NAME}")
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        raw = read_json(config_file)
         return _convert_legacy_dir(path, raw) if is_legacy_config(raw) else path
     if path.exists():
         raise FileNotFoundError(f"{path} is a file; give a model directory or a zoo name")
@@ -491,7 +491,7 @@ OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"  # what open_clip's HF hub repos
 
 
 def _config_from_json(path: Path) -> Dict[str, Any]:
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path} is not a JSON object")
     if isinstance(raw.get("model_cfg"), dict):  # open_clip_config.json: architecture + preprocessing

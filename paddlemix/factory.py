@@ -123,6 +123,8 @@ def create_model(
         with paddle.LazyGuard():
             model = model_class(config)
         load_checkpoint(model, weights)
+    # Where the weights came from (None: random initialisation), for tools that must tell.
+    model.weights_source = None if weights is None else str(weights)
     if precision in _CAST:
         model.to(dtype=_CAST[precision])
     if output_dict is not None:

@@ -67,6 +67,8 @@ _INITIAL_ENVIRON = Path("/proc/self/environ")
 # Read when Paddle loads (libgomp, Paddle's own bootstrap): only settable before `import paddle`.
 _BEFORE_PADDLE_ONLY = ("GOMP_SPINCOUNT",)
 _THREADS = "OMP_NUM_THREADS"
+# Printed while Paddle / PaddleNLP load; about compiling custom ops and setuptools, not the user's concern.
+_QUIET_MESSAGES = ("No ccache found", "Setuptools is replacing distutils")
 
 
 def _cpuinfo_fields(text: str) -> Dict[str, str]:
@@ -221,8 +223,8 @@ def quiet_imports() -> Iterator[None]:
     Only these two messages, and only while paddlemix imports them.
     """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="No ccache found")
-        warnings.filterwarnings("ignore", message="Setuptools is replacing distutils")
+        for message in _QUIET_MESSAGES:
+            warnings.filterwarnings("ignore", message=message)
         yield
 
 
@@ -269,5 +271,7 @@ APPLY_RUN_NAME = "paddlemix_apply_cpu_env"
 
 if __name__ == "__main__":
     sys.exit(_main())
-if __name__ == APPLY_RUN_NAME:
+if __name__ == APPLY_RUN_NAME:  # an entry-point script of ours, before it imports Paddle
     apply_cpu_env()
+    for _message in _QUIET_MESSAGES:
+        warnings.filterwarnings("ignore", message=_message)

@@ -5,6 +5,7 @@ test environment's Paddle and PaddleNLP serve), and from a directory outside the
 every registered architecture, every tokenizer and a few demo training steps.
 """
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -132,10 +133,15 @@ WHEEL_PROGRAM = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_wheel_installs_and_works_outside_the_checkout(tmp_path):
-    dist, target, work = tmp_path / "dist", tmp_path / "site", tmp_path / "user"
+    dist, target, work, src = tmp_path / "dist", tmp_path / "site", tmp_path / "user", tmp_path / "src"
     work.mkdir()
+    # A copy of the sources: setuptools writes build/ and *.egg-info next to them, and a stale
+    # build/ in the checkout would leak old files into the wheel.
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "output",
+        "tests", "benchmarks"))
     pip = [sys.executable, "-m", "pip"]
-    build = subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+    build = subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = dist.glob("paddlemix-*.whl")

@@ -1,8 +1,9 @@
-"""The fused_ln custom operator (external_ops/) and the layers built on it.
+"""The fused_ln custom operator (paddlemix/kernels/) and the layers built on it.
 
-The operator is JIT-built once per machine (cached by source hash, see
-paddlemix.models.fused_norm) by the session fixture below; every comparison is
-against Paddle's own layer_norm or the RMSNorm math of paddlemix.models.layers.
+The library is built ahead once per machine (cached by source hash, see
+paddlemix.kernels) by the session fixture in conftest.py, as `make install` does;
+every comparison is against Paddle's own layer_norm or the RMSNorm math of
+paddlemix.models.layers.
 """
 import logging
 import shutil

@@ -176,3 +176,39 @@ def test_import_paddlemix_sets_the_cpu_settings_in_a_users_program(imports, tmp_
                           timeout=120, cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1].split("|")[0] == "1"
+
+def _cpu_flags():
+    try:
+        return set(next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.skipif("avx512f" not in _cpu_flags(),
+                    reason="MKL's code path is told apart by forcing AVX2 on an AVX-512 CPU")
+def test_mkl_reads_its_cpu_type_after_paddle_has_loaded(tmp_path):
+    """Why `import paddle, paddlemix` can still pick MKL's AVX2 path on AMD CPUs: MKL reads
+    MKL_DEBUG_CPU_TYPE at its first computation, not when Paddle loads."""
+    program = ("import os, paddle; os.environ['MKL_VERBOSE'] = '1'; {set}"
+               "a = paddle.randn([64, 64]); (a @ a).numpy()")
+    lines = {}
+    for name, extra in (("default", ""), ("set_late", "os.environ['MKL_DEBUG_CPU_TYPE'] = '5'; ")):
+        env = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "MKL_VERBOSE")}
+        proc = subprocess.run([sys.executable, "-c", program.format(set=extra)], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines[name] = next(line for line in proc.stdout.splitlines() if "enabled processors" in line)
+    assert "AVX-512" in lines["default"] and "AVX2" in lines["set_late"], lines
+
+
+def test_user_set_tells_paddles_default_thread_count_from_the_users():
+    from paddlemix._env import _user_set
+
+    # Paddle wrote 1 at its import; the process did not start with it: not the user's.
+    assert "OMP_NUM_THREADS" not in _user_set({"OMP_NUM_THREADS": "1"}, True, {"PATH"})
+    # Exported by the user (present at start-up), or any other value: the user's.
+    assert "OMP_NUM_THREADS" in _user_set({"OMP_NUM_THREADS": "1"}, True, {"PATH", "OMP_NUM_THREADS"})
+    assert "OMP_NUM_THREADS" in _user_set({"OMP_NUM_THREADS": "4"}, True, {"PATH"})
+    # Before Paddle loads, whatever is set is the user's; unknown start-up environment: kept.
+    assert "OMP_NUM_THREADS" in _user_set({"OMP_NUM_THREADS": "1"}, False, {"PATH"})
+    assert "OMP_NUM_THREADS" in _user_set({"OMP_NUM_THREADS": "1"}, True, None)

@@ -137,6 +137,8 @@ def _load() -> KernelStatus:
 def status() -> KernelStatus:
     """Whether the library is loaded; the first call loads it (milliseconds), later calls are cached."""
     global _status
+    if _status is not None:  # every layer call asks: answer without the lock once known
+        return _status
     with _lock:
         if _status is None:
             _status = _load()

@@ -6,7 +6,8 @@
 Rows: encode_image and encode_text of ViT-B-32 and EVA02-CLIP-B-16 (random weights), in
 dynamic mode and exported (paddle.jit.save + Paddle Inference); a ViT-B-32 training step
 (forward + CLIP loss + backward + AdamW) at batch 16; ViT-B-32 encode_image / encode_text as a
-user's own program runs them (no environment variable set, ``import paddle, paddlemix``, against
+user's own program runs them (no environment variable set, the README's ``import paddlemix`` then
+``import paddle``, against
 open_clip run the same way); the data pipeline (JPEG decode + eval
 transform, DataLoader workers); zero-shot evaluation end to end against the model alone; the
 tokenizer on generated captions; the fused LayerNorm operator (residual add + LN, forward +

@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test]"
+	$(VENV)/bin/python -m paddlemix.kernels build
 	touch $@
 
 .PHONY: install test

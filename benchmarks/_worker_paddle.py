@@ -1,15 +1,22 @@
 """Benchmark worker for paddlemix (started by run_all.py; speaks benchmarks/_protocol.py).
 
-The CPU environment of paddlemix._env is applied before Paddle is imported, exactly as the
-example scripts do, so the numbers are those a user of the scripts gets.
+By default the CPU environment of paddlemix._env is applied before Paddle is imported, exactly
+as the example scripts do, so the numbers are those a user of the scripts gets. With
+``--user-program`` it starts as the README's "Use" code does, ``import paddlemix`` then
+``import paddle`` and nothing else (run_all.py then also clears the environment): what a user's
+own program gets.
 """
 import runpy
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-runpy.run_path(str(ROOT / "paddlemix" / "_env.py"), run_name="paddlemix_apply_cpu_env")
 sys.path.insert(0, str(ROOT))
+if "--user-program" in sys.argv[1:]:
+    import paddlemix  # noqa: F401  (the README's order: before paddle)
+    import paddle  # noqa: F401
+else:
+    runpy.run_path(str(ROOT / "paddlemix" / "_env.py"), run_name="paddlemix_apply_cpu_env")
 
 import os  # noqa: E402
 import tempfile  # noqa: E402

@@ -19,8 +19,7 @@ Each measurement is run in a fresh worker process per allocator setting:
     python benchmarks/bench_fused_ln.py --json results.json --repeats 15
 
 MKL_DEBUG_CPU_TYPE=5 and OMP_NUM_THREADS (``--threads``, default 2) are set for
-the workers; the fused operator is JIT-built on first use (see
-paddlemix.models.fused_norm).
+the workers; the fused operator must be built ahead (`python -m paddlemix.kernels build`).
 """
 import argparse
 import json

@@ -5,7 +5,10 @@
 
 Rows: encode_image and encode_text of ViT-B-32 and EVA02-CLIP-B-16 (random weights), in
 dynamic mode and exported (paddle.jit.save + Paddle Inference); a ViT-B-32 training step
-(forward + CLIP loss + backward + AdamW) at batch 16; the data pipeline (JPEG decode + eval
+(forward + CLIP loss + backward + AdamW) at batch 16; ViT-B-32 encode_image / encode_text as a
+user's own program runs them (no environment variable set, the README's ``import paddlemix`` then
+``import paddle``, against
+open_clip run the same way); the data pipeline (JPEG decode + eval
 transform, DataLoader workers); zero-shot evaluation end to end against the model alone; the
 tokenizer on generated captions; the fused LayerNorm operator (residual add + LN, forward +
 backward); one fp32 GEMM of ViT-B-32's MLP shape, the ceiling the model rows are bound by. Model rows also give the achieved GFLOP/s and its share of the machine's fp32 peak
@@ -54,6 +57,8 @@ _spec.loader.exec_module(cpu_env)
 logger = logging.getLogger("run_all")
 
 PEAK_GFLOPS = 157.0
+USER_UNSET = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DEBUG_CPU_TYPE", "GOMP_SPINCOUNT", "MALLOC_MMAP_THRESHOLD_",
+              "MALLOC_TRIM_THRESHOLD_")
 PEER_MODELS = {"ViT-B-32": "ViT-B-32", "EVA02-CLIP-B-16": "EVA02-B-16"}
 
 
@@ -67,8 +72,8 @@ def _tower_flops(tokens: int, width: int, layers: int, hidden: int, swiglu: bool
 
 
 def model_flops(model: str) -> Dict[str, float]:
-    """Forward FLOPs per image and per 77-token text of a model in configs/models/ (matmuls only)."""
-    cfg = json.loads((ROOT / "configs" / "models" / f"{model}.json").read_text())
+    """Forward FLOPs per image and per 77-token text of a registered model (paddlemix/model_configs/; matmuls only)."""
+    cfg = json.loads((ROOT / "paddlemix" / "model_configs" / f"{model}.json").read_text())
     v, t, embed = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
     patch, width = v["patch_size"], v["width"]
     grid = v["image_size"] // patch
@@ -178,6 +183,15 @@ def build_rows(args: argparse.Namespace, image_dir: Path) -> List[Row]:
                 rows.append(Row(f"{kind} {model} {mode} (batch {n})", "img/s" if tower == "image" else "texts/s",
                                 n, Side("paddle", case), Side("peer", case), target=target,
                                 flops_per_item=flops[tower]))
+    # A user's program: no variable set, the README's imports, open_clip as installed.
+    model = args.models[0]
+    flops = model_flops(model)
+    for kind, tower in (("encode_image", "image"), ("encode_text", "text")):
+        case = {"kind": kind, "model": model, "peer_model": PEER_MODELS.get(model, model), "mode": "dynamic",
+                "batch": batch, "seed": 0}
+        rows.append(Row(f"user program, no environment set: {kind} {model} (batch {batch})",
+                        "img/s" if tower == "image" else "texts/s", batch, Side("paddle_user", case),
+                        Side("peer_user", case), target=1.0, flops_per_item=flops[tower]))
     m, k, n = 800, 768, 3072
     case = {"kind": "matmul", "shape": [m, k, n]}
     rows.append(Row(f"fp32 matmul {m}x{k} @ {k}x{n} (the GEMM ceiling)", "matmuls/s", 1, Side("paddle", case),
@@ -242,17 +256,20 @@ class Suite:
         env["OMP_NUM_THREADS"] = str(args.threads or env.get("OMP_NUM_THREADS") or recommended["OMP_NUM_THREADS"])
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         self.env = env
+        # The user-program rows: none of the variables above (nor the ones _env.py documents).
+        self.user_env = {k: v for k, v in env.items() if k not in USER_UNSET}
         self.peer_python, self.peer_note = _peer_python(args.peer_python)
 
     def worker(self, name: str) -> Worker:
         if name not in self.workers:
-            if name == "peer":
+            user = name.endswith("_user")
+            if name.startswith("peer"):
                 if self.peer_python is None:
                     raise WorkerError(self.peer_note)
                 argv = [self.peer_python, str(HERE / "_worker_peer.py")]
             else:
-                argv = [sys.executable, str(HERE / "_worker_paddle.py")]
-            self.workers[name] = Worker(name, argv, self.env, self.log_dir)
+                argv = [sys.executable, str(HERE / "_worker_paddle.py")] + (["--user-program"] if user else [])
+            self.workers[name] = Worker(name, argv, self.user_env if user else self.env, self.log_dir)
         return self.workers[name]
 
     def close(self) -> None:

@@ -8,16 +8,19 @@ The public API mirrors open_clip's::
 """
 from . import _env
 
-if _env.started_as_cli():  # `python -m paddlemix.export` etc.: before the imports below load Paddle
-    _env.apply_cpu_env()
+# Paddle's CPU speed settings (MKL's code path, thread count, memory reuse; see _env.py), made
+# before the imports below use Paddle. Importing paddlemix before paddle also sets the one
+# setting read when Paddle loads; importing it after still sets the others in time.
+_env.configure_process()
 
-from .data.tokenizer import SimpleTokenizer, tokenize
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, image_transform
-from .errors import PaddleMIXError
-from .factory import create_model, create_model_and_transforms, get_model_preprocess_cfg, get_tokenizer
-from .models import CLIP, CLIPConfig
-from .zoo.pretrained import list_pretrained
-from .zoo.registry import list_models
+with _env.quiet_imports():
+    from .data.tokenizer import SimpleTokenizer, tokenize
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, image_transform
+    from .errors import PaddleMIXError
+    from .factory import create_model, create_model_and_transforms, get_model_preprocess_cfg, get_tokenizer
+    from .models import CLIP, CLIPConfig
+    from .zoo.pretrained import list_pretrained
+    from .zoo.registry import list_models
 
 __version__ = "0.1.0"
 

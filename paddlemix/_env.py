@@ -1,66 +1,74 @@
-"""Process environment that makes Paddle fast on CPUs, applied before Paddle is imported.
+"""CPU settings that make Paddle fast, applied by ``import paddlemix`` itself.
 
-Three variables decide much of Paddle's CPU speed and none can be a model argument,
-because the libraries read them from the environment once, when they start:
+Four settings decide much of Paddle's CPU speed and none can be a model argument, because the
+libraries read them from the environment once. When each is read decides when it can be set
+(measured by tracing getenv in Paddle 3.3.1's process):
 
 * ``MKL_DEBUG_CPU_TYPE=5``. The MKL that Paddle bundles picks its kernels by CPU vendor
   and gives AMD CPUs a generic SSE path; 5 selects the AVX2 kernels, which every AVX2 CPU
   runs. Measured on a 2-core AMD EPYC (AVX2 + FMA): an fp32 800x768 @ 768x3072 matmul
   goes from 36 to 123 GFLOP/s. Set only on AMD CPUs with AVX2: on Intel CPUs MKL already
-  picks the best path, and forcing AVX2 there would turn off AVX-512.
-* ``OMP_NUM_THREADS``. When it is unset, ``import paddle`` sets it to 1 (a default
-  chosen for multi-process data parallel), so a single process uses one core. The
-  helper sets it to the CPUs this process may use, divided among the processes a
-  ``paddle.distributed.launch`` job starts on this node.
-* ``GOMP_SPINCOUNT=0``. Paddle's math runs on Intel's OpenMP (libiomp5), while custom
-  operators built with ``-fopenmp`` (the fused LayerNorm of external_ops/) run on GNU's
-  libgomp, so a process holds two thread pools for the same cores. libgomp's threads spin
-  after each parallel region, taking the cores from the next MKL call: EVA02-CLIP-B-16's
-  text tower ran 35% slower with the fused op than without it, and at the same speed once
-  libgomp threads sleep when idle.
-
-One setting is not a variable but a call, made at the same time: glibc returns every freed
-block above 128 KiB to the kernel, and Paddle's CPU allocator frees each activation after
-use, so every new activation page-faults on first write (a 7 MB copy took 12.7 ms instead of
-0.3-1.6 ms here, and a ViT-B-32 forward spent ~20% of its time in faults). ``mallopt`` raises the
-mmap and trim thresholds so freed memory is reused; the cost is that the process keeps its
-peak heap instead of shrinking (+40 MB of 1.2 GB measured on ViT-B-32). It is skipped when
-``MALLOC_MMAP_THRESHOLD_`` is set or ``retain_memory=False`` is passed.
+  picks the best path, and forcing AVX2 there would turn off AVX-512. MKL reads it at its
+  first computation, not when Paddle loads, so ``import paddlemix`` after ``import paddle``
+  still sets it in time (not after the program has already run a Paddle matmul).
+* The thread count. When ``OMP_NUM_THREADS`` is unset, ``import paddle`` sets it to 1 (a
+  default chosen for multi-process data parallel), so a single process uses one core; set
+  before Paddle loads, any other value makes Paddle print a warning. Intel's OpenMP and MKL
+  read it at the first computation too, so paddlemix sets it *after* Paddle has loaded (and
+  calls Paddle's ``set_num_threads``): the CPUs this process may use, divided among the
+  processes a ``paddle.distributed.launch`` job starts on this node.
+* ``GOMP_SPINCOUNT=0``. Paddle's math runs on Intel's OpenMP (libiomp5), while the custom
+  operators of paddlemix.kernels run on GNU's libgomp, so a process holds two thread pools
+  for the same cores. libgomp's threads spin after each parallel region, taking the cores
+  from the next MKL call: EVA02-CLIP-B-16's text tower ran 35% slower with the fused op than
+  without it, and at the same speed once libgomp threads sleep when idle. libgomp reads it
+  when Paddle loads, so only ``import paddlemix`` *before* ``import paddle`` sets it.
+* Freed-memory reuse (a call, not a variable; any time): glibc returns every freed block
+  above 128 KiB to the kernel, and Paddle's CPU allocator frees each activation after use, so
+  every new activation page-faults on first write (a 7 MB copy took 12.7 ms instead of
+  0.3-1.6 ms here, and a ViT-B-32 forward spent ~20% of its time in faults). ``mallopt``
+  raises the mmap and trim thresholds so freed memory is reused; the cost is that the process
+  keeps its peak heap instead of shrinking (+40 MB of 1.2 GB measured on ViT-B-32). Skipped
+  when ``MALLOC_MMAP_THRESHOLD_`` is set.
 
 None of these changes what is computed, only how fast: the AVX2 kernels use FMA, so float32
 results differ from the generic path by rounding only (max abs 5e-6 on ViT-B-32
 features of magnitude 4 here; thread count changed at most 2.4e-6).
 
-A variable the user has already set is never overridden. Nothing happens once Paddle is
-imported, since whether the libraries have already read their settings cannot be known
-from here; a warning says so. Scripts in a source checkout run this file before any
-import of Paddle (importing ``paddlemix._env`` would import the package, and with it
-Paddle); run under the name ``paddlemix_apply_cpu_env`` it applies the settings::
-
-    runpy.run_path(".../paddlemix/_env.py", run_name="paddlemix_apply_cpu_env")
-
-``python paddlemix/_env.py --shell`` prints the settings as ``export`` lines instead.
-This module uses only the standard library and must stay that way.
+A variable the user set (in the shell, or in ``os.environ`` before ``import paddle``) is never
+overridden. :func:`configure_process` is what ``paddlemix/__init__`` runs; scripts may also run
+this file before anything imports Paddle (``runpy.run_path(".../paddlemix/_env.py",
+run_name="paddlemix_apply_cpu_env")``), and ``python paddlemix/_env.py --shell`` prints the
+settings as ``export`` lines instead. This module uses only the standard library at import
+time and must stay that way.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
-import platform
 import os
+import platform
 import sys
+import warnings
 from pathlib import Path
-from typing import Dict, List, MutableMapping, Optional, Set
+from typing import Dict, Iterator, List, MutableMapping, Optional, Set
 
 logger = logging.getLogger("paddlemix._env")
 
-__all__ = ["apply_cpu_env", "available_cpus", "recommended_env", "retain_freed_memory", "started_as_cli"]
+__all__ = ["apply_cpu_env", "available_cpus", "configure_process", "recommended_env", "retain_freed_memory"]
 
 _CPUINFO = Path("/proc/cpuinfo")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
 _RETAIN_BYTES = 1 << 30  # blocks below this come from the heap and go back to it
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+_INITIAL_ENVIRON = Path("/proc/self/environ")
+# Read when Paddle loads (libgomp, Paddle's own bootstrap): only settable before `import paddle`.
+_BEFORE_PADDLE_ONLY = ("GOMP_SPINCOUNT",)
+_THREADS = "OMP_NUM_THREADS"
+# Printed while Paddle / PaddleNLP load; about compiling custom ops and setuptools, not the user's concern.
+_QUIET_MESSAGES = ("No ccache found", "Setuptools is replacing distutils")
 
 
 def _cpuinfo_fields(text: str) -> Dict[str, str]:
@@ -149,6 +157,30 @@ def retain_freed_memory() -> bool:
         return False
 
 
+def _initial_environ_keys() -> Optional[Set[str]]:
+    """Names of the variables this process was started with (Linux), None where unknown.
+
+    ``import paddle`` writes ``OMP_NUM_THREADS=1`` into ``os.environ``; the process's start-up
+    environment tells that default apart from a value the user exported.
+    """
+    try:
+        raw = _INITIAL_ENVIRON.read_bytes()
+    except OSError:
+        return None
+    return {item.split(b"=", 1)[0].decode("utf-8", "replace") for item in raw.split(b"\0") if item}
+
+
+def _user_set(environ: MutableMapping[str, str], paddle_loaded: bool, initial: Optional[Set[str]]) -> Set[str]:
+    """The variables of recommended_env that the user chose (and paddlemix must leave alone)."""
+    user = set(environ)
+    if paddle_loaded and environ.get(_THREADS) == "1":
+        # 1 is Paddle's default when the variable was unset at its import; the user's only if
+        # the process started with it (or, where that is unknown, to stay on the safe side).
+        if initial is not None and _THREADS not in initial:
+            user.discard(_THREADS)
+    return user
+
+
 def apply_cpu_env(
     environ: Optional[MutableMapping[str, str]] = None,
     modules: Optional[Set[str]] = None,
@@ -156,25 +188,25 @@ def apply_cpu_env(
     cpus: Optional[int] = None,
     retain_memory: bool = True,
 ) -> Dict[str, str]:
-    """Set every recommended variable the environment does not set yet; returns those set.
+    """Set the recommended variables the user has not set that are still read later; returns those set.
 
+    Before Paddle loads: ``MKL_DEBUG_CPU_TYPE`` and ``GOMP_SPINCOUNT``, but not the thread
+    count, which :func:`configure_process` sets once Paddle has loaded (set earlier, Paddle
+    prints a warning about it). After Paddle has loaded: only ``MKL_DEBUG_CPU_TYPE``, which MKL
+    reads at its first computation; ``GOMP_SPINCOUNT`` is then logged at debug level as missed.
     Also calls :func:`retain_freed_memory` unless ``retain_memory`` is False or the user set
-    ``MALLOC_MMAP_THRESHOLD_``. A no-op (with a warning naming what was missed) when Paddle
-    is already imported. ``environ``, ``modules`` (names of imported modules),
+    ``MALLOC_MMAP_THRESHOLD_``. ``environ``, ``modules`` (names of imported modules),
     ``cpuinfo_text`` and ``cpus`` default to this process; tests pass their own.
     """
     environ = os.environ if environ is None else environ
     modules = set(sys.modules) if modules is None else modules
+    paddle_loaded = "paddle" in modules
     wanted = {k: v for k, v in recommended_env(environ, cpuinfo_text, cpus).items() if k not in environ}
-    if "paddle" in modules:
-        if not wanted:
-            return {}
-        logger.warning(
-            "paddle is already imported, so %s cannot take effect reliably and was not set; call "
-            "apply_cpu_env() before the first `import paddle` (or export these variables in the shell)",
-            " ".join(f"{k}={v}" for k, v in sorted(wanted.items())),
-        )
-        return {}
+    wanted.pop(_THREADS, None)
+    if paddle_loaded:
+        missed = {k: wanted.pop(k) for k in _BEFORE_PADDLE_ONLY if k in wanted}
+        if missed:
+            logger.debug("paddle was imported before paddlemix, so %s cannot take effect", missed)
     if retain_memory and "MALLOC_MMAP_THRESHOLD_" not in environ and environ is os.environ:
         retain_freed_memory()
     environ.update(wanted)
@@ -182,24 +214,45 @@ def apply_cpu_env(
     return wanted
 
 
-def started_as_cli(orig_argv: Optional[List[str]] = None) -> bool:
-    """True when this process is ``python -m paddlemix...`` (one of the package's command lines).
+@contextlib.contextmanager
+def quiet_imports() -> Iterator[None]:
+    """Silence the warnings Paddle and PaddleNLP print while they load, which are not the user's concern.
 
-    The package's ``__init__`` runs before Paddle is imported in that case, so it can apply the
-    settings the way the example scripts do; an application that merely imports paddlemix is
-    left alone (its environment is its own business).
+    Paddle warns "No ccache found" (about compiling custom operators: paddlemix never compiles
+    at run time) and PaddleNLP's imports trigger setuptools' "Setuptools is replacing distutils".
+    Only these two messages, and only while paddlemix imports them.
     """
-    argv = list(getattr(sys, "orig_argv", []) if orig_argv is None else orig_argv)[1:]
-    i = 0
-    while i < len(argv):  # the interpreter's own options, up to the script, -c or -m
-        arg = argv[i]
-        if arg == "-m":
-            module = argv[i + 1] if i + 1 < len(argv) else ""
-            return module == "paddlemix" or module.startswith("paddlemix.")
-        if arg == "-c" or arg == "-" or not arg.startswith("-"):
-            return False
-        i += 2 if arg in ("-X", "-W") else 1
-    return False
+    with warnings.catch_warnings():
+        for message in _QUIET_MESSAGES:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+def configure_process(
+    environ: Optional[MutableMapping[str, str]] = None,
+    cpuinfo_text: Optional[str] = None,
+    cpus: Optional[int] = None,
+) -> Dict[str, str]:
+    """What ``import paddlemix`` does: :func:`apply_cpu_env`, then import Paddle and set the threads.
+
+    Works whether or not Paddle is already imported (see the module docstring for what each
+    order can still set); Paddle is loaded under :func:`quiet_imports`. Returns the settings it made.
+    """
+    environ = os.environ if environ is None else environ
+    paddle_loaded = "paddle" in sys.modules
+    user = _user_set(environ, paddle_loaded, _initial_environ_keys() if environ is os.environ else None)
+    applied = apply_cpu_env(environ=environ, cpuinfo_text=cpuinfo_text, cpus=cpus)
+    if not paddle_loaded:
+        with quiet_imports():
+            import paddle  # noqa: F401  (its bootstrap writes OMP_NUM_THREADS=1 when unset)
+    if _THREADS not in user:
+        threads = recommended_env(environ, cpuinfo_text, cpus)[_THREADS]
+        environ[_THREADS] = threads  # read by Intel's OpenMP and MKL at their first computation
+        from paddle.base import core
+
+        core.set_num_threads(int(threads))  # in case they have already started
+        applied[_THREADS] = threads
+    return applied
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
@@ -218,5 +271,7 @@ APPLY_RUN_NAME = "paddlemix_apply_cpu_env"
 
 if __name__ == "__main__":
     sys.exit(_main())
-if __name__ == APPLY_RUN_NAME:
+if __name__ == APPLY_RUN_NAME:  # an entry-point script of ours, before it imports Paddle
     apply_cpu_env()
+    for _message in _QUIET_MESSAGES:
+        warnings.filterwarnings("ignore", message=_message)

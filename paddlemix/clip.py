@@ -34,7 +34,27 @@ _MIXER_NAMES = {f"Mixer-{size}/{patch}": f"Mixer-{size}-{patch}" for size in "SB
 
 
 class CLIPWithLogits(CLIP):
-    """CLIP whose ``forward`` is OpenAI's: ``(logits_per_image, logits_per_text)``."""
+    """CLIP whose ``forward`` is OpenAI's: ``(logits_per_image, logits_per_text)``.
+
+    ``clip.tokenize`` pads to 77 tokens, as OpenAI's does, whatever model was loaded; a model
+    trained with a shorter context (CLIP-tiny-demo: 16) takes such rows when everything past its
+    context is padding, and otherwise fails naming both lengths.
+    """
+
+    def encode_text(self, text: paddle.Tensor, normalize: bool = False) -> paddle.Tensor:
+        return super().encode_text(self._fit_context(text), normalize=normalize)
+
+    def _fit_context(self, text: paddle.Tensor) -> paddle.Tensor:
+        length, context = text.shape[-1], self.context_length
+        if not paddle.in_dynamic_mode() or length <= context:
+            return text
+        if bool((text[..., context:] == self.config.text.pad_id).all()):
+            return text[..., :context]
+        raise ValueError(
+            f"text has tokens beyond position {context}: it was tokenized to {length} tokens per row, but this "
+            f"model's context length is {context}; use clip.tokenize(texts, context_length={context}, "
+            "truncate=True) to cut longer texts"
+        )
 
     def forward(self, image: paddle.Tensor, text: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         return self.get_logits(image, text)

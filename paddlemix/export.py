@@ -224,8 +224,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .factory import create_model, get_model_preprocess_cfg
 
     model = create_model(args.model, pretrained=args.pretrained)
-    if args.pretrained is None:
-        logger.warning("no --pretrained given: exporting randomly initialised weights")
+    if model.weights_source is None:
+        logger.warning("no --pretrained given and %s holds no weights: exporting randomly initialised weights",
+                       args.model)
     out = export_encoders(model, args.out, towers=args.towers, batch_size=args.batch_size,
                           normalize=args.normalize, preprocess_cfg=get_model_preprocess_cfg(model))
     if args.no_check:

@@ -7,7 +7,6 @@ EVA-CLIP, HF or paddlemix layout; conversion happens on load without torch.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Type, Union
@@ -23,12 +22,12 @@ from .data.transforms import (
     image_transform,
 )
 from .models.clip_model import CLIP
-from .models.config import CLIPConfig
+from .models.config import CLIPConfig, ConfigError
 from .zoo.convert import hf_config_to_model_cfg
 from .zoo.loading import load_checkpoint
 from .zoo.legacy import is_legacy_config
 from .zoo.pretrained import model_config, resolve_factory_args
-from .zoo.registry import get_model_config, load_config_file
+from .zoo.registry import get_model_config, load_config_file, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,38 +37,47 @@ PRECISIONS = ("fp32", "fp16", "bf16", "amp", "amp_bf16", "amp_bfloat16", "pure_f
 _CAST = {"fp16": "float16", "pure_fp16": "float16", "bf16": "bfloat16", "pure_bf16": "bfloat16"}
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _resolve_model(model_name: Union[str, Path]) -> Tuple[Dict[str, Any], Optional[Path]]:
-    """-> (open_clip-schema config, weights to load when ``pretrained`` is not given)."""
+    """-> (open_clip-schema config, weights to load when ``pretrained`` is not given).
+
+    The config is validated here, before anything is built, so its errors name the file.
+    """
     path = Path(model_name)
     if path.is_dir():
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"model directory {path} has no config.json")
-        raw = _read_json(cfg_file)
-        if is_legacy_config(raw):  # PaddleMIX's own config.json also says model_type 'clip'
-            return model_config(path), path
-        if raw.get("model_type") == "clip":
-            return hf_config_to_model_cfg(raw), path
-        if raw.get("model_type") == CLIPConfig.model_type:
-            # Built from the config, then loaded by the same safe loader as any checkpoint,
-            # so a third-party directory never reaches a full pickle load.
-            return CLIPConfig.from_pretrained(str(path)).to_model_cfg(), path
-        if "vision_cfg" in raw and "text_cfg" in raw:
-            return raw, None
-        raise ValueError(
-            f"{cfg_file} is neither an HF CLIP config (model_type 'clip'), a paddlemix config, "
-            f"nor an open_clip model config (got model_type {raw.get('model_type')!r})"
-        )
+        try:
+            cfg, weights = _model_dir_config(path, cfg_file)
+        except ConfigError as err:
+            raise ConfigError(str(err) if str(cfg_file) in str(err) else f"model config {cfg_file}: {err}") from None
+        CLIPConfig.check_model_cfg(cfg, source=cfg_file)
+        return cfg, weights
     if path.suffix == ".json":
         if not path.is_file():
             raise FileNotFoundError(f"model config {path} does not exist")
         return load_config_file(path), None
     return get_model_config(str(model_name)), None
+
+
+def _model_dir_config(path: Path, cfg_file: Path) -> Tuple[Dict[str, Any], Optional[Path]]:
+    raw = read_json(cfg_file)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model config {cfg_file} must be a JSON object, got {type(raw).__name__}")
+    if is_legacy_config(raw):  # PaddleMIX's own config.json also says model_type 'clip'
+        return model_config(path), path
+    if raw.get("model_type") == "clip":
+        return hf_config_to_model_cfg(raw), path
+    if raw.get("model_type") == CLIPConfig.model_type:
+        # Built from the config, then loaded by the same safe loader as any checkpoint,
+        # so a third-party directory never reaches a full pickle load.
+        return CLIPConfig.from_pretrained(str(path)).to_model_cfg(), path
+    if "vision_cfg" in raw and "text_cfg" in raw:
+        return raw, None
+    raise ValueError(
+        f"{cfg_file} is neither an HF CLIP config (model_type 'clip'), a paddlemix config, "
+        f"nor an open_clip model config (got model_type {raw.get('model_type')!r})"
+    )
 
 
 def create_model(
@@ -118,6 +126,8 @@ def create_model(
         with paddle.LazyGuard():
             model = model_class(config)
         load_checkpoint(model, weights)
+    # Where the weights came from (None: random initialisation), for tools that must tell.
+    model.weights_source = None if weights is None else str(weights)
     if precision in _CAST:
         model.to(dtype=_CAST[precision])
     if output_dict is not None:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import paddlemix
-from paddlemix.data.bert_tokenizer import BertTokenizer, resolve_vocab_file
+from paddlemix.data.bert_tokenizer import BUNDLED_VOCABS, BertTokenizer, resolve_vocab_file
 from paddlemix.factory import create_model, create_model_and_transforms, get_tokenizer
 from paddlemix.zoo.checkpoint import save_safetensors
 from paddlemix.zoo.convert import resize_pos_embed
@@ -148,12 +148,13 @@ def test_open_clip_pipeline_equals_clean_then_hf():
 
 def test_vocab_resolution_and_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("PADDLEMIX_HOME", str(tmp_path / "home"))
-    with pytest.raises(FileNotFoundError, match=r"home/vocab/bert-base-uncased/vocab\.txt.*vocab_file="):
-        resolve_vocab_file("bert-base-uncased")
+    # a vocabulary the package does not bundle: the error names where to put it
+    with pytest.raises(FileNotFoundError, match=r"home/vocab/bert-base-cased/vocab\.txt.*vocab_file="):
+        resolve_vocab_file("bert-base-cased")
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         resolve_vocab_file("bert-base-uncased", vocab_file=tmp_path / "nope.txt")
-    with pytest.raises(FileNotFoundError, match="vocab.txt"):
-        get_tokenizer("ViT-L-14-CLIPA")
+    # the bundled copy when nothing else is there
+    assert resolve_vocab_file("bert-base-uncased") == BUNDLED_VOCABS["bert-base-uncased"]
     # the cache location
     cached = tmp_path / "home" / "vocab" / "bert-base-uncased" / "vocab.txt"
     cached.parent.mkdir(parents=True)
@@ -168,6 +169,24 @@ def test_vocab_resolution_and_errors(tmp_path, monkeypatch):
     bad.write_text("hello\nworld\n")
     with pytest.raises(ValueError, match=r"\[PAD\]"):
         BertTokenizer(bad)
+
+
+def test_bundled_bert_base_uncased_vocab():
+    """The shipped vocabulary is HF's bert-base-uncased vocab.txt byte for byte, and every CLIPA
+    architecture tokenizes with it out of the box."""
+    import gzip
+    import hashlib
+
+    raw = gzip.decompress(BUNDLED_VOCABS["bert-base-uncased"].read_bytes())
+    assert hashlib.sha256(raw).hexdigest() == "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+    clipa = [m for m in paddlemix.list_models() if "CLIPA" in m or "BigVision" in m]
+    assert len(clipa) == 8
+    for name in clipa:
+        tok = get_tokenizer(name)
+        assert tok.vocab_size == 30522
+    tok = get_tokenizer("ViT-L-14-CLIPA")
+    # [CLS] a photo of a dog [SEP->PAD]: bert-base-uncased's well-known ids
+    assert tok(["A photo of a dog."]).numpy()[0, :8].tolist() == [101, 1037, 6302, 1997, 1037, 3899, 1012, 0]
 
 
 def test_get_tokenizer_follows_the_config():

@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 import pytest
 
-from paddlemix._env import apply_cpu_env, recommended_env, started_as_cli
+from paddlemix._env import apply_cpu_env, recommended_env
 from paddlemix.export import check_parity, export_encoders, parity_inputs
 from paddlemix.factory import create_model
 from paddlemix.inference import EXPORT_CONFIG, ExportedCLIP, ExportError, load_exported
@@ -126,15 +126,17 @@ def test_recommended_env_by_vendor():
         "OMP_NUM_THREADS"] == "4"
 
 
-def test_apply_cpu_env_keeps_user_values_and_does_nothing_after_import(caplog):
-    environ = {"OMP_NUM_THREADS": "1"}
+def test_apply_cpu_env_keeps_user_values_and_knows_what_is_read_when(caplog):
+    environ = {"GOMP_SPINCOUNT": "100"}
     applied = apply_cpu_env(environ=environ, modules={"numpy"}, cpuinfo_text=AMD_CPUINFO, cpus=2)
-    assert applied == {"MKL_DEBUG_CPU_TYPE": "5", "GOMP_SPINCOUNT": "0"}
-    assert environ == {"OMP_NUM_THREADS": "1", "MKL_DEBUG_CPU_TYPE": "5", "GOMP_SPINCOUNT": "0"}
+    # The thread count is set once Paddle has loaded (configure_process): set earlier, Paddle warns.
+    assert applied == {"MKL_DEBUG_CPU_TYPE": "5"}
+    assert environ == {"GOMP_SPINCOUNT": "100", "MKL_DEBUG_CPU_TYPE": "5"}
+    # After `import paddle`, MKL has not read its variables yet, libgomp has.
     late = {}
-    assert apply_cpu_env(environ=late, modules={"paddle"}, cpuinfo_text=AMD_CPUINFO, cpus=2) == {}
-    assert late == {}
-    assert "paddle is already imported" in caplog.text and "MKL_DEBUG_CPU_TYPE=5" in caplog.text
+    assert apply_cpu_env(environ=late, modules={"paddle"}, cpuinfo_text=AMD_CPUINFO, cpus=2) == {
+        "MKL_DEBUG_CPU_TYPE": "5"}
+    assert late == {"MKL_DEBUG_CPU_TYPE": "5"}
 
 
 def test_env_script_prints_shell_exports():
@@ -146,20 +148,67 @@ def test_env_script_prints_shell_exports():
     assert any(line.startswith("export OMP_NUM_THREADS=") for line in lines)
 
 
-def test_package_command_lines_apply_the_env_before_paddle_loads():
-    assert started_as_cli(["python", "-m", "paddlemix.export", "--model", "x"])
-    assert started_as_cli(["python3", "-X", "dev", "-m", "paddlemix"])
-    assert not started_as_cli(["python", "-m", "pytest", "-m", "paddlemix.export"])
-    assert not started_as_cli(["python", "app.py", "-m", "paddlemix.export"])
-    assert not started_as_cli(["python", "-m", "paddlemixer.tool"])
-    # A real `python -m paddlemix.<cli>` process: the variables are in place before Paddle reads them.
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
-    probe = ("import os, sys; print(os.environ.get('OMP_NUM_THREADS'), os.environ.get('GOMP_SPINCOUNT'))")
-    proc = subprocess.run([sys.executable, "-m", "paddlemix.convert", "--help"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env=env)
+USER_ENV_KEYS = ("OMP_NUM_THREADS", "MKL_DEBUG_CPU_TYPE", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+PROBE = ("import os; from paddle.base import core; print('|'.join(str(os.environ.get(k)) for k in "
+         f"{USER_ENV_KEYS!r}))")
+
+
+@pytest.mark.parametrize("imports", ["import paddlemix, paddle", "import paddle, paddlemix"])
+def test_import_paddlemix_sets_the_cpu_settings_in_a_users_program(imports, tmp_path):
+    """A user's program with no variable set: `import paddlemix` (before or after paddle) sets the
+    thread count and MKL's code path, prints none of Paddle's warnings, and leaves user values alone."""
+    env = {k: v for k, v in os.environ.items() if k not in USER_ENV_KEYS}
+    env["PYTHONPATH"] = str(ROOT)
+    want = recommended_env(environ=env)
+    proc = subprocess.run([sys.executable, "-c", f"{imports}; {PROBE}"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run([sys.executable, "-c", "import sys; sys.orig_argv[:] = ['python', '-m', 'paddlemix.x']; "
-                           "import paddlemix; " + probe], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env=env)
+    omp, mkl, gomp, _ = proc.stdout.strip().splitlines()[-1].split("|")
+    assert omp == want["OMP_NUM_THREADS"]
+    assert mkl == want.get("MKL_DEBUG_CPU_TYPE", "None")
+    # GOMP_SPINCOUNT is read when Paddle loads: only the paddlemix-first order can set it.
+    assert gomp == ("0" if imports.startswith("import paddlemix") else "None")
+    if imports.startswith("import paddlemix"):  # Paddle's import-time warnings are not printed
+        assert "OMP_NUM_THREADS set to" not in proc.stderr and "ccache" not in proc.stderr, proc.stderr
+    assert "OMP_NUM_THREADS set to" not in proc.stderr, proc.stderr
+    # A value the user exported is kept, 1 included.
+    proc = subprocess.run([sys.executable, "-c", f"{imports}; {PROBE}"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[-1] == "0" and proc.stdout.split()[-2] == recommended_env(environ=env)["OMP_NUM_THREADS"]
+    assert proc.stdout.strip().splitlines()[-1].split("|")[0] == "1"
+
+def _cpu_flags():
+    try:
+        return set(next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.skipif("avx512f" not in _cpu_flags(),
+                    reason="MKL's code path is told apart by forcing AVX2 on an AVX-512 CPU")
+def test_mkl_reads_its_cpu_type_after_paddle_has_loaded(tmp_path):
+    """Why `import paddle, paddlemix` can still pick MKL's AVX2 path on AMD CPUs: MKL reads
+    MKL_DEBUG_CPU_TYPE at its first computation, not when Paddle loads."""
+    program = ("import os, paddle; os.environ['MKL_VERBOSE'] = '1'; {set}"
+               "a = paddle.randn([64, 64]); (a @ a).numpy()")
+    lines = {}
+    for name, extra in (("default", ""), ("set_late", "os.environ['MKL_DEBUG_CPU_TYPE'] = '5'; ")):
+        env = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "MKL_VERBOSE")}
+        proc = subprocess.run([sys.executable, "-c", program.format(set=extra)], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines[name] = next(line for line in proc.stdout.splitlines() if "enabled processors" in line)
+    assert "AVX-512" in lines["default"] and "AVX2" in lines["set_late"], lines
+
+
+def test_user_set_tells_paddles_default_thread_count_from_the_users():
+    from paddlemix._env import _user_set
+
+    # Paddle wrote 1 at its import; the process did not start with it: not the user's.
+    assert "OMP_NUM_THREADS" not in _user_set({"OMP_NUM_THREADS": "1"}, True, {"PATH"})
+    # Exported by the user (present at start-up), or any other value: the user's.
+    assert "OMP_NUM_THREADS" in _user_set({"OMP_NUM_THREADS": "1"}, True, {"PATH", "OMP_NUM_THREADS"})
+    assert "OMP_NUM_THREADS" in _user_set({"OMP_NUM_THREADS": "4"}, True, {"PATH"})
+    # Before Paddle loads, whatever is set is the user's; unknown start-up environment: kept.
+    assert "OMP_NUM_THREADS" in _user_set({"OMP_NUM_THREADS": "1"}, False, {"PATH"})
+    assert "OMP_NUM_THREADS" in _user_set({"OMP_NUM_THREADS": "1"}, True, None)

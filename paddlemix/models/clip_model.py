@@ -186,6 +186,8 @@ class CLIP(PretrainedModel):
         else:
             self.logit_bias = None
         self.output_dict = False
+        # Where the loaded weights came from (set by paddlemix.create_model); None: as initialised.
+        self.weights_source: Optional[str] = None
 
     def save_pretrained(
         self, save_dir: str, *args, safe_serialization: bool = True, layout: Optional[str] = None, **kwargs
@@ -256,6 +258,12 @@ class CLIP(PretrainedModel):
         return F.normalize(features, axis=-1) if normalize else features
 
     def encode_text(self, text: paddle.Tensor, normalize: bool = False) -> paddle.Tensor:
+        if paddle.in_dynamic_mode() and text.shape[-1] > self.context_length:
+            raise ValueError(
+                f"text has {text.shape[-1]} tokens per row, more than this model's context length "
+                f"{self.context_length}: tokenize with context_length={self.context_length} "
+                "(paddlemix.get_tokenizer(model) does)"
+            )
         features = self.text(text)
         if isinstance(features, tuple):
             features = features[0]

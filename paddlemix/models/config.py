@@ -15,7 +15,7 @@ from paddlenlp.transformers import PretrainedConfig
 
 from ..errors import PaddleMIXError
 
-__all__ = ["VisionCfg", "TextCfg", "CLIPConfig", "ConfigError"]
+__all__ = ["VisionCfg", "TextCfg", "CLIPConfig", "ConfigError", "check_tower_values"]
 
 
 class ConfigError(PaddleMIXError, ValueError):
@@ -63,6 +63,66 @@ def _unknown_keys(where: str, unknown, valid) -> ConfigError:
     )
 
 
+# Value ranges checked before anything is built: key -> (test, what the key must be).
+_POSITIVE = (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1")
+_RANGES: Dict[str, Dict[str, Tuple[Any, str]]] = {
+    "VisionCfg": {
+        "layers": _POSITIVE, "width": _POSITIVE, "head_width": _POSITIVE, "patch_size": _POSITIVE,
+        "attn_pooler_queries": _POSITIVE, "attn_pooler_heads": _POSITIVE, "pt_hw_seq_len": _POSITIVE,
+        "mlp_ratio": (lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
+        "token_mlp_ratio": (lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
+        "patch_dropout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
+        "drop_path_rate": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
+        "pos_embed_type": (lambda v: v in ("learnable", "sin_cos_2d"), "'learnable' or 'sin_cos_2d'"),
+        "pool_type": (lambda v: v in ("tok", "avg", "none"), "'tok', 'avg' or 'none'"),
+        "block_type": (lambda v: v in ("attention", "mixer"), "'attention' or 'mixer'"),
+    },
+    "TextCfg": {
+        "context_length": _POSITIVE, "vocab_size": _POSITIVE, "width": _POSITIVE, "heads": _POSITIVE,
+        "layers": _POSITIVE,
+        "mlp_ratio": (lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
+        "token_mlp_ratio": (lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
+        "pool_type": (lambda v: v in ("argmax", "eos", "first", "last", "none"),
+                      "'argmax', 'eos', 'first', 'last' or 'none'"),
+        "proj_type": (lambda v: v in ("linear", "none"), "'linear' or 'none'"),
+        "block_type": (lambda v: v in ("attention", "mixer"), "'attention' or 'mixer'"),
+    },
+}
+_TOWER_KEY = {"VisionCfg": "vision_cfg", "TextCfg": "text_cfg"}
+
+
+def _image_size_pair(value: Any) -> Optional[Tuple[Any, Any]]:
+    if isinstance(value, (list, tuple)):
+        return tuple(value) if len(value) == 2 else None
+    return (value, value)
+
+
+def check_tower_values(cfg: "_TowerCfg") -> None:
+    """Reject out-of-range tower settings (negative sizes, unknown modes, patches that do not tile).
+
+    Called by ``from_dict`` once keys and types are known good, so a config that would build a
+    tower with no blocks, or one that silently floors the patch grid, fails before building.
+    """
+    name = type(cfg).__name__
+    where = _TOWER_KEY.get(name, name)
+    for key, (test, valid) in _RANGES.get(name, {}).items():
+        value = getattr(cfg, key, None)
+        if value is not None and not test(value):
+            raise ConfigError(f"{where}.{key} = {value!r} is out of range: it must be {valid}")
+    if name == "VisionCfg":
+        size = _image_size_pair(cfg.image_size)
+        if size is None or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
+            raise ConfigError(f"{where}.image_size = {cfg.image_size!r} is out of range: it must be an integer >= 1 "
+                              "or a pair [height, width] of them")
+        if any(v % cfg.patch_size for v in size):
+            raise ConfigError(f"{where}.image_size = {cfg.image_size!r} is not a multiple of {where}.patch_size = "
+                              f"{cfg.patch_size}: the patches must tile the image (use a multiple of {cfg.patch_size})")
+    if name == "TextCfg":
+        if not 0 <= cfg.pad_id < cfg.vocab_size:
+            raise ConfigError(f"{where}.pad_id = {cfg.pad_id} is out of range: it must be in [0, vocab_size = "
+                              f"{cfg.vocab_size})")
+
+
 class _TowerCfg:
     """Strict construction from a dict shared by both tower configs."""
 
@@ -83,7 +143,9 @@ class _TowerCfg:
             f = names[k]
             default = f.default if f.default is not dataclasses.MISSING else None
             _check_type(cls.__name__, k, v, default)
-        return cls(**d)
+        cfg = cls(**d)
+        check_tower_values(cfg)
+        return cfg
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -226,11 +288,27 @@ class CLIPConfig(PretrainedConfig):
         for key, example in (("embed_dim", 512), ("quick_gelu", False), ("init_logit_scale", 0.0),
                              ("init_logit_bias", 0.0), ("custom_text", False)):
             _check_type("model config", key, cfg.get(key), example)
+        if not isinstance(cfg.get("embed_dim"), bool) and isinstance(cfg.get("embed_dim"), int) and cfg["embed_dim"] < 1:
+            raise ConfigError(f"embed_dim = {cfg['embed_dim']!r} is out of range: it must be an integer >= 1")
         if cfg.get("preprocess_cfg") is not None and not isinstance(cfg["preprocess_cfg"], dict):
             raise ConfigError(f"model config.preprocess_cfg must be a JSON object, got {cfg['preprocess_cfg']!r}")
         args = {k: v for k, v in cfg.items() if k in known}
         args.update(kwargs)
         return cls(**args)
+
+    @classmethod
+    def check_model_cfg(cls, cfg: Dict[str, Any], source: Optional[Any] = None) -> None:
+        """Validate an open_clip-schema model config before anything is built.
+
+        Raises :class:`ConfigError` naming ``source`` (the file it came from), the key and its
+        valid range.
+        """
+        try:
+            cls.from_model_cfg(cfg)
+        except ConfigError as err:
+            if source is None:
+                raise
+            raise ConfigError(f"model config {source}: {err}") from None
 
     def to_model_cfg(self) -> Dict[str, Any]:
         """The open_clip-schema dict of this config (no PaddleNLP bookkeeping)."""

@@ -1,4 +1,4 @@
-"""LayerNorm / RMSNorm backed by the `fused_ln` custom operator (external_ops/).
+"""LayerNorm / RMSNorm backed by the `fused_ln` custom operator (paddlemix/kernels/).
 
 The operator adds an optional residual and normalises in one pass over memory,
 forward and backward, on CPU (AVX2 + OpenMP) and, when Paddle is built with
@@ -7,16 +7,10 @@ CUDA, on GPU. The layers here are drop-in subclasses of
 dict keys, same numbers (within fp32 rounding), so a config can switch
 `fusedLN` on or off without touching checkpoints.
 
-How the operator is found, once per process:
-1. the installed module `paddlemix_fused_ln` (`python external_ops/setup.py install`);
-2. otherwise a JIT build of external_ops/ with `paddle.utils.cpp_extension`,
-   cached under ``$PADDLEMIX_EXTENSION_DIR`` (default
-   ``~/.cache/paddlemix/extensions``) and keyed by a hash of the sources, flags
-   and Paddle version, so it compiles once (~10 s on 2 cores) and later
-   processes only load the shared library;
-3. otherwise the layers fall back to the exact reference math, after one
-   `logging` warning that says why. ``require_op=True`` turns that fallback into
-   an error instead.
+The operator comes from the library that :mod:`paddlemix.kernels` loads (built ahead by
+``python -m paddlemix.kernels build``; nothing is compiled at run time). Without it the layers
+use the exact reference math, after that module's one warning; ``require_op=True`` turns the
+fallback into an error instead.
 
 Inputs the operator does not cover fall back to the reference silently, since
 that is a property of the input and not of the build: dtypes other than
@@ -26,22 +20,13 @@ in float32 inside the operator, like the reference layers do.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import logging
-import os
-import shutil
-import tempfile
-import threading
-from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
 from typing import Callable, Optional, Tuple
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from .. import kernels
 from ..errors import PaddleMIXError
 from .layers import LayerNorm, RMSNorm
 
@@ -58,140 +43,28 @@ __all__ = [
     "fused_op_status",
 ]
 
-_logger = logging.getLogger(__name__)
-
-OPS_DIR = Path(__file__).resolve().parents[2] / "external_ops"
-CACHE_DIR_ENV = "PADDLEMIX_EXTENSION_DIR"
 _OP_NAME = "fused_ln"
 _OP_DTYPES = (paddle.float32, paddle.float16, paddle.bfloat16)
 _CUDA_MAX_COLS = 8192  # fused_ln_cuda.cuh: kMaxCols
 
 
 class FusedNormUnavailableError(PaddleMIXError, RuntimeError):
-    """The fused_ln operator was required (``require_op=True``) but cannot be loaded."""
+    """The fused_ln operator was required (``require_op=True``) but its library is not loaded."""
 
 
-@dataclass(frozen=True)
-class OpStatus:
-    available: bool
-    origin: str  # "installed", "jit-cache", "jit-build" or "" when unavailable
-    detail: str  # where it came from, or why it is unavailable
-
-
-_lock = threading.Lock()
-_status: Optional[OpStatus] = None
-_warned = False
-
-
-def _cache_root() -> Path:
-    env = os.environ.get(CACHE_DIR_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "paddlemix" / "extensions"
-
-
-def _load_build_config() -> ModuleType:
-    path = OPS_DIR / "build_config.py"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"kernel sources not found: {path} is missing (external_ops/ ships with the source tree, not with "
-            "a wheel; install the op with `python external_ops/setup.py install` from a checkout)"
-        )
-    spec = importlib.util.spec_from_file_location("_paddlemix_fused_ln_build_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _register_library(so_path: Path) -> None:
-    from paddle.utils.cpp_extension import load_op_meta_info_and_register_op
-
-    load_op_meta_info_and_register_op(str(so_path))
-
-
-def _jit_build(cfg: ModuleType) -> OpStatus:
-    with_cuda = paddle.is_compiled_with_cuda()
-    missing = cfg.missing_files(with_cuda)
-    if missing:
-        raise FileNotFoundError(f"kernel sources missing: {', '.join(missing)}")
-    digest = cfg.source_digest(with_cuda, paddle.__version__)
-    final = _cache_root() / f"{cfg.OP_NAME}-{digest}"
-    so_path = final / cfg.MODULE_NAME / f"{cfg.MODULE_NAME}.so"
-    if so_path.is_file():
-        _register_library(so_path)
-        return OpStatus(True, "jit-cache", str(so_path))
-
-    from paddle.utils.cpp_extension import load
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a private directory and rename it into place, so concurrent
-    # processes never load a half-written library.
-    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
-    _logger.info("building the %s operator into %s (one-off, about 10 s)", cfg.OP_NAME, final)
-    try:
-        load(
-            name=cfg.MODULE_NAME,
-            sources=cfg.sources(with_cuda),
-            build_directory=str(tmp),
-            verbose=False,
-            **cfg.extension_flags(with_cuda),
-        )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another process finished first; its library is equivalent
-        shutil.rmtree(tmp, ignore_errors=True)
-    return OpStatus(True, "jit-build", str(final))
-
-
-def _load_op() -> OpStatus:
-    """Find or build the operator; never raises, the reason goes into the status."""
-    try:
-        module = importlib.import_module("paddlemix_fused_ln")
-        return OpStatus(True, "installed", getattr(module, "__file__", "paddlemix_fused_ln"))
-    except ImportError:
-        pass
-    if not hasattr(paddle._C_ops, "_run_custom_op"):
-        return OpStatus(False, "", f"paddle {paddle.__version__} has no custom-operator runtime (_C_ops._run_custom_op)")
-    try:
-        return _jit_build(_load_build_config())
-    except (OSError, RuntimeError, ValueError, ImportError, AssertionError) as err:
-        # paddle's JIT build reports compiler failures as RuntimeError, bad
-        # arguments through assert, missing files as OSError: all mean "no operator here".
-        return OpStatus(False, "", f"JIT build failed: {type(err).__name__}: {err}")
-
-
-def fused_op_status() -> OpStatus:
-    """Loads (or builds) the operator on first call and reports the outcome."""
-    global _status
-    with _lock:
-        if _status is None:
-            _status = _load_op()
-            if _status.available:
-                _logger.debug("fused_ln operator ready (%s: %s)", _status.origin, _status.detail)
-        return _status
+def fused_op_status() -> kernels.KernelStatus:
+    """Whether the kernel library is loaded (see :func:`paddlemix.kernels.status`)."""
+    return kernels.status()
 
 
 def _require_or_warn(require_op: bool) -> bool:
-    """True when the operator can be used; otherwise raise (require_op) or warn once."""
-    global _warned
-    status = fused_op_status()
-    if status.available:
-        return True
-    if require_op:
+    """True when the operator can be used; otherwise raise (require_op) or fall back after one warning."""
+    if require_op and not kernels.status().available:
         raise FusedNormUnavailableError(
-            f"the fused_ln operator is unavailable: {status.detail}. Build it with "
-            "`python external_ops/setup.py install`, or pass require_op=False to fall back to "
-            "paddle.nn.functional.layer_norm."
+            f"the fused_ln operator is unavailable: {kernels.status().detail}. Build it with "
+            f"`{kernels.BUILD_COMMAND}`, or pass require_op=False to fall back to paddle.nn.functional.layer_norm."
         )
-    if not _warned:
-        _warned = True
-        _logger.warning(
-            "fused_ln operator unavailable (%s); fused norm layers fall back to the reference "
-            "LayerNorm/RMSNorm math (same results, unfused speed). Pass require_op=True to make this an error.",
-            status.detail,
-        )
-    return False
+    return kernels.available()
 
 
 def _op_handles(x: paddle.Tensor) -> bool:

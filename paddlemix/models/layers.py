@@ -9,7 +9,6 @@ transposes are needed on the fast path.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Callable, Optional
 
 import numpy as np
@@ -119,11 +118,8 @@ def addmm_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -
     return y.reshape(shape[:-1] + [y.shape[-1]])
 
 
-_LOGGED_UNAVAILABLE = []  # non-empty once the missing library has been logged
-
-
 def _cpu_kernels():
-    """The module running the external_ops/ CPU kernels when they load (or build), else None.
+    """The module running paddlemix's CPU kernels when their library is loaded, else None.
 
     Paddle's CPU kernels for three element-wise steps of a ViT block run far below memory
     speed (2-core AMD EPYC, float32): ``layer_norm`` backward takes 9.5 ms on a [800, 768]
@@ -131,20 +127,17 @@ def _cpu_kernels():
     on [800, 3072] 12.7 ms against 7 ms; ``softmax`` forward + backward of ViT-B-32's attention
     [16, 12, 50, 50] 2.2 ms against 0.95 ms. The operators compute the same math (to float32
     rounding; the GELU tail is more accurate than Paddle's), so the layers below use them for
-    float32 CPU tensors in dynamic mode. Without a compiler Paddle's kernels stay, after one
-    log line. Static graphs (export) always use Paddle's ops.
+    float32 CPU tensors in dynamic mode. :mod:`paddlemix.kernels` decides: it only loads a
+    library built ahead of time and never compiles, so without one Paddle's kernels stay
+    (after one warning). Static graphs (export) always use Paddle's ops.
     """
+    from .. import kernels
+
+    if not kernels.available():
+        return None
     from . import fused_norm
 
-    status = fused_norm.fused_op_status()  # loads or builds once per process, then a cached answer
-    if status.available:
-        return fused_norm
-    if not _LOGGED_UNAVAILABLE:
-        _LOGGED_UNAVAILABLE.append(True)
-        logging.getLogger(__name__).info(
-            "CPU layers use Paddle's slower layer_norm/gelu/softmax kernels: the external_ops library is "
-            "unavailable (%s); build it with `python external_ops/setup.py install`", status.detail)
-    return None
+    return fused_norm
 
 
 class LayerNorm(nn.LayerNorm):

@@ -51,6 +51,15 @@ def _fit(name: str, value: np.ndarray, target: paddle.Tensor, model) -> np.ndarr
     raise WeightLoadError(f"shape mismatch for {name}: checkpoint has {list(value.shape)}, model expects {shape}")
 
 
+def _all_finite(value: np.ndarray) -> bool:
+    """False when a floating-point tensor holds NaN or Inf (integer tensors are always finite)."""
+    if value.dtype.kind == "f":
+        return bool(np.isfinite(value).all())
+    if value.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 is not a numpy float kind
+        return bool(np.isfinite(value.astype(np.float32)).all())
+    return True
+
+
 def load_state_dict_into(
     model: paddle.nn.Layer,
     shards: Iterable[Dict[str, np.ndarray]],
@@ -61,6 +70,7 @@ def load_state_dict_into(
     targets = _target_tensors(model)
     loaded: Set[str] = set()
     unexpected = []
+    nonfinite: List[str] = []
     for shard in shards:
         if not shard:
             continue
@@ -75,6 +85,8 @@ def load_state_dict_into(
                 raise WeightLoadError(f"{source}: weight {name} is given twice")
             target = targets[name]
             value = _fit(name, np.asarray(value), target, model)
+            if not _all_finite(value):
+                nonfinite.append(name)
             target.set_value(paddle.to_tensor(value).astype(target.dtype))
             loaded.add(name)
         del converted
@@ -85,6 +97,11 @@ def load_state_dict_into(
             f"{source} does not match the model ({problems}). "
             "Check that the model config is the one these weights were trained with."
         )
+    if nonfinite:
+        # Loaded as stored (a diverged checkpoint is still worth inspecting), but never silently:
+        # NaN weights turn every feature into NaN.
+        logger.warning("%s: %d weight tensors contain NaN or Inf values: %s", source, len(nonfinite),
+                       _mismatch_summary(("", sorted(nonfinite))).strip())
     logger.info("loaded %d tensors from %s (%s layout)", len(loaded), source, layout)
 
 

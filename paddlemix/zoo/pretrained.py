@@ -1,6 +1,6 @@
 """Pretrained weights: the zoo registry, and resolving a zoo name to a local model directory.
 
-The registry is data (``configs/pretrained.json``): every entry names an architecture
+The registry is data (``paddlemix/zoo/pretrained.json``): every entry names an architecture
 config, the preprocessing the weights were trained with, published numbers, and where the
 weights live: PaddleMIX's host (``<host>/paddlemix/CLIP/<name>/{config.json,
 model_state.pdparams}``, Paddle fp16/bf16) and the public PyTorch release on the HF hub.
@@ -44,7 +44,7 @@ from .download import (  # _exclusive_lock: the download layer's flock, reused s
 from .export import CONFIG_NAME, MANIFEST_NAME, manifest_problem, write_model_dir
 from .legacy import is_legacy_config, legacy_config_to_model_cfg, paddlemix_differences
 from .loading import WeightLoadError, load_state_dict_into
-from .registry import CONFIG_DIR, UnknownModelError, get_model_config, load_config_file
+from .registry import UnknownModelError, get_model_config, load_config_file, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ __all__ = [
     "unregister_pretrained",
 ]
 
-REGISTRY_FILE = CONFIG_DIR.parent / "pretrained.json"
+REGISTRY_FILE = Path(__file__).resolve().with_name("pretrained.json")
 ENV_HF_ENDPOINT = "HF_ENDPOINT"  # the variable huggingface_hub itself reads, so one setting serves both
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 SOURCES = ("paddlemix", "hf")
@@ -96,7 +96,7 @@ class HFSource:
 
 @dataclass(frozen=True)
 class PretrainedEntry:
-    """One set of pretrained weights. See ``doc.fields`` in ``configs/pretrained.json``."""
+    """One set of pretrained weights. See ``doc.fields`` in ``paddlemix/zoo/pretrained.json``."""
 
     name: str
     arch: str
@@ -113,7 +113,7 @@ class PretrainedEntry:
     sha256: Mapping[str, str] = field(default_factory=dict)
     params_reported: Optional[str] = None
     note: Optional[str] = None
-    # An inline open_clip-schema config instead of ``configs/models/<arch>.json`` (custom zoos, tests).
+    # An inline open_clip-schema config instead of ``paddlemix/model_configs/<arch>.json`` (custom zoos, tests).
     model_cfg_override: Optional[Mapping[str, Any]] = None
 
     @classmethod
@@ -258,7 +258,7 @@ class PretrainedRegistry:
 
 @lru_cache(maxsize=1)
 def default_registry() -> PretrainedRegistry:
-    """The registry read from ``configs/pretrained.json`` (plus anything registered at run time)."""
+    """The registry read from ``paddlemix/zoo/pretrained.json`` (plus anything registered at run time)."""
     return PretrainedRegistry.from_file(REGISTRY_FILE)
 
 
@@ -320,7 +320,7 @@ def _check_legacy_config(entry: PretrainedEntry, config_file: Path) -> None:
     A mismatch means the registry (or the host) is wrong; loading would fail later with a
     list of mis-shaped weights that hides the cause.
     """
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    raw = read_json(config_file)
     if not is_legacy_config(raw):
         return  # a mirror may hold a paddlemix-schema config; the strict loader still checks the weights
     hosted, ours = legacy_config_to_model_cfg(raw), entry.model_cfg()
@@ -509,7 +509,7 @@ def resolve_model_dir(name_or_path: Union[str, Path]) -> Path:
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"model directory {path} has no {CONFIG_NAME}")
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        raw = read_json(config_file)
         return _convert_legacy_dir(path, raw) if is_legacy_config(raw) else path
     if path.exists():
         raise FileNotFoundError(f"{path} is a file; give a model directory or a zoo name")
@@ -527,7 +527,7 @@ OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"  # what open_clip's HF hub repos
 
 
 def _config_from_json(path: Path) -> Dict[str, Any]:
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path} is not a JSON object")
     if isinstance(raw.get("model_cfg"), dict):  # open_clip_config.json: architecture + preprocessing

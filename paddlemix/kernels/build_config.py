@@ -1,9 +1,10 @@
 """Single description of how the `fused_ln` operator is built.
 
-Both build routes read it: `python external_ops/setup.py install` and the JIT
-path in `paddlemix.models.fused_norm`, which loads this file by path. Keeping
-the source list and flags in one place means the two routes cannot drift, and
-the JIT cache key (`source_digest`) covers exactly what goes into the binary.
+Both build routes read it: `python -m paddlemix.kernels build` (into the extension
+cache) and `python external_ops/setup.py install` (the module into the environment),
+which loads this file by path. Keeping the source list and flags in one place means the
+two routes cannot drift, and the cache key (`source_digest`) covers exactly what goes
+into the binary. Standard library only: setup.py runs it without importing paddlemix.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ OP_NAME = "fused_ln"
 # Name of the installed Python module / shared library.
 MODULE_NAME = "paddlemix_fused_ln"
 
-OPS_DIR = Path(__file__).resolve().parent
-KERNEL_DIR = OPS_DIR / "fused_ln"
+# The sources ship inside the package, so an installed wheel can build its kernels too.
+KERNEL_DIR = Path(__file__).resolve().parent / "csrc"
 
 CPU_SOURCES = ("fused_ln_op.cc", "fused_ln_cpu.cc", "cpu_act_op.cc")
 CUDA_SOURCES = ("fused_ln_op.cu",)

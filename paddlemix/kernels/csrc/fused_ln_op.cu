@@ -1,6 +1,6 @@
 // CUDA side of the `fused_ln` operator: wraps the launchers in
 // fused_ln_cuda.cuh for Paddle tensors. Compiled only when Paddle itself is
-// built with CUDA (see external_ops/build.py); fused_ln_op.cc has already
+// built with CUDA (see paddlemix/kernels/build_config.py); fused_ln_op.cc has already
 // validated and made contiguous every argument.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -114,7 +114,7 @@ def create_model(
         # init: building lazily makes loading a ViT-B-16 ~7x faster.
         with paddle.LazyGuard():
             model = model_class(config)
-        load_checkpoint(model, weights)
+        load_checkpoint(model, weights, dtype=_CAST.get(precision), progress=None)
     if precision in _CAST:
         model.to(dtype=_CAST[precision])
     if output_dict is not None:

@@ -9,6 +9,10 @@ a local stand-in, and refuses everything else by name. Tensors come out as numpy
 Files are memory-mapped: a tensor stored contiguously is a read-only view of the file and
 is paged in only when copied into a model. Copy with ``np.array(a)`` before writing to it.
 (Paddle ``.pdparams`` pickles hold their bytes inline, so those arrays are copies.)
+:func:`iter_checkpoint_shards` goes further for loaders that stream: a tensor that needs
+decoding (bfloat16, a foreign byte order, a strided view) arrives as a :class:`LazyArray`
+that decodes only when read, and :func:`release` hands a tensor's mapped pages back once it
+has been copied, so resident memory stays near one tensor beyond the model.
 
 Refused, with advice: TorchScript archives (OpenAI's original ``ViT-*.pt``), tar-format
 torch files from before 1.0, tensor types numpy lacks (complex, float8, quantized), and
@@ -39,6 +43,8 @@ import numpy as np
 
 __all__ = [
     "CheckpointError",
+    "LazyArray",
+    "release",
     "load_state_dict",
     "iter_checkpoint_shards",
     "unwrap_state_dict",
@@ -153,6 +159,78 @@ def _bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+class LazyArray:
+    """An array computed from other arrays only when it is read (``np.asarray``).
+
+    Decoding a checkpoint tensor (bfloat16 widening, byte swaps, strided copies) and moving
+    it into the model's layout (transposes, q/k/v fusion) each make a copy; done eagerly for
+    a whole checkpoint that is a second full copy of the model in host memory. Deferred, the
+    copies exist for one tensor at a time, while the loader holds it. ``shape`` is known for
+    decoded file tensors and None for layout conversions; ``dtype`` is the result's.
+    """
+
+    __slots__ = ("_fn", "_sources", "shape", "dtype")
+
+    def __init__(
+        self, fn: Callable[..., np.ndarray], *sources: Any, shape: Optional[Tuple[int, ...]] = None,
+        dtype: Any = None,
+    ) -> None:
+        self._fn = fn
+        self._sources = sources
+        self.shape = shape
+        self.dtype = np.dtype(dtype) if dtype is not None else sources[0].dtype
+
+    @property
+    def ndim(self) -> int:
+        if self.shape is None:
+            raise TypeError("the shape of this LazyArray is known only once it is read (np.asarray)")
+        return len(self.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self._fn(*(np.asarray(source) for source in self._sources))
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def release(self) -> None:
+        for source in self._sources:
+            release(source)
+
+    def __repr__(self) -> str:
+        return f"LazyArray(shape={self.shape}, dtype={self.dtype})"
+
+
+def _byte_bounds(array: np.ndarray) -> Tuple[int, int]:
+    byte_bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds  # numpy 1.x / 2.x
+    return byte_bounds(array)
+
+
+def release(value: Any) -> None:
+    """Drop the file pages behind a memory-mapped tensor from this process's resident memory.
+
+    Reading a mapped tensor leaves its pages mapped, and counted in the process's RSS, until
+    the whole file is unmapped; a loader that copied a tensor into the model releases it so a
+    checkpoint bigger than memory never becomes resident all at once. The data stays valid:
+    the kernel maps the pages in again (from its page cache) if the tensor is read again.
+    Arrays that are not views of a mapped file are left alone.
+    """
+    if isinstance(value, LazyArray):
+        value.release()
+        return
+    if not isinstance(value, np.ndarray) or value.size == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    base: Any = value
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not (isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)) or base.obj.closed:
+        return
+    mapped = base.obj
+    origin = np.frombuffer(base, dtype=np.uint8, count=0).__array_interface__["data"][0]
+    low, high = _byte_bounds(value)
+    start = (low - origin) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(high - origin, len(mapped))
+    if 0 <= start < end:
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """Round float32 values to bfloat16 (nearest, ties to even) and return the raw uint16 bits.
 
@@ -265,9 +343,9 @@ def _load_safetensors(path: PathLike) -> Dict[str, np.ndarray]:
         else:
             array = np.frombuffer(mm, dtype=dtype, count=count, offset=data_start + entry.start).reshape(entry.shape)
         if entry.dtype == "BF16":
-            array = _bf16_bits_to_float32(array)
+            array = LazyArray(_bf16_bits_to_float32, array, shape=entry.shape, dtype=np.float32)
         elif entry.dtype == "BOOL":
-            array = array != 0
+            array = LazyArray(np.not_equal, array, np.uint8(0), shape=entry.shape, dtype=np.bool_)
         tensors[entry.name] = array
     return tensors
 
@@ -631,33 +709,46 @@ class _TorchUnpickling:
             data = data.view(raw)
         numel = math.prod(size)
         if numel == 0:
-            array = np.empty(size, dtype=data.dtype)
-        else:
-            last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-            if last >= data.size or numel > data.size:
-                raise _error(
-                    self._path,
-                    f"tensor of size {list(size)} (offset {offset}, stride {list(stride)}) does not fit its "
-                    f"storage {storage.key!r} of {data.size} elements",
-                )
-            contiguous = all(
-                n == 1 or s == math.prod(size[i + 1:]) for i, (n, s) in enumerate(zip(size, stride))
+            return _ArrayHandle(self._path, _decode_torch(np.empty(size, dtype=data.dtype), element))
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= data.size or numel > data.size:
+            raise _error(
+                self._path,
+                f"tensor of size {list(size)} (offset {offset}, stride {list(stride)}) does not fit its "
+                f"storage {storage.key!r} of {data.size} elements",
             )
-            if contiguous:
-                array = data[offset:offset + numel].reshape(size)
-            else:
-                itemsize = data.dtype.itemsize
-                view = np.lib.stride_tricks.as_strided(
-                    data[offset:], shape=size, strides=[s * itemsize for s in stride], writeable=False
-                )
-                array = np.ascontiguousarray(view)
-        if not array.dtype.isnative:
-            array = array.astype(array.dtype.newbyteorder("=").str)
-        if element.kind == "bf16":
-            array = _bf16_bits_to_float32(array)
-        elif element.kind == "bool":
-            array = array != 0
-        return _ArrayHandle(self._path, array)
+        contiguous = all(n == 1 or s == math.prod(size[i + 1:]) for i, (n, s) in enumerate(zip(size, stride)))
+        if contiguous:
+            view = data[offset:offset + numel].reshape(size)
+            if view.dtype.isnative and element.kind == "plain":
+                return _ArrayHandle(self._path, view)  # the file's bytes, untouched until read
+            return _ArrayHandle(
+                self._path, LazyArray(lambda v: _decode_torch(v, element), view, shape=size, dtype=_decoded_dtype(element))
+            )
+
+        def gather(storage_data: np.ndarray) -> np.ndarray:
+            itemsize = storage_data.dtype.itemsize
+            strided = np.lib.stride_tricks.as_strided(
+                storage_data[offset:], shape=size, strides=[s * itemsize for s in stride], writeable=False
+            )
+            return _decode_torch(np.ascontiguousarray(strided), element)
+
+        return _ArrayHandle(self._path, LazyArray(gather, data, shape=size, dtype=_decoded_dtype(element)))
+
+
+def _decoded_dtype(element: _ElementType) -> np.dtype:
+    return {"bf16": np.dtype(np.float32), "bool": np.dtype(np.bool_)}.get(element.kind, element.raw)
+
+
+def _decode_torch(array: np.ndarray, element: _ElementType) -> np.ndarray:
+    """Raw storage elements -> the numpy array they mean (native order, bf16 widened, 0/1 bools)."""
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("=").str)
+    if element.kind == "bf16":
+        return _bf16_bits_to_float32(array)
+    if element.kind == "bool":
+        return array != 0
+    return array
 
 
 class _TorchGlobals(dict):
@@ -1024,7 +1115,9 @@ def _load_object(path: str, fmt: str) -> Any:
 
 
 def _is_tensor(value: Any) -> bool:
-    return isinstance(value, np.ndarray) and value.dtype.kind in _TENSOR_KINDS and value.dtype.fields is None
+    return (
+        isinstance(value, (np.ndarray, LazyArray)) and value.dtype.kind in _TENSOR_KINDS and value.dtype.fields is None
+    )
 
 
 def unwrap_state_dict(obj: Any, source: str = "checkpoint", strip_prefix: bool = True) -> Dict[str, np.ndarray]:
@@ -1102,9 +1195,11 @@ def _iter_index(path: str) -> Iterator[Dict[str, np.ndarray]]:
 def iter_checkpoint_shards(path: PathLike) -> Iterator[Dict[str, np.ndarray]]:
     """Yield a checkpoint's tensors one shard at a time (a single file is one shard).
 
-    A loader that copies each shard into the model and drops it keeps host memory near one
-    shard, which matters for multi-billion-parameter towers. ``path`` may be a weights file,
-    an HF-style ``*.index.json``, or a checkpoint directory.
+    Values are read-only numpy views of the mapped file, or :class:`LazyArray` where the
+    stored bytes need decoding first; nothing is read until a value is. A loader that reads
+    one tensor at a time, copies it into the model and releases it (:func:`release`) keeps host
+    memory near one tensor beyond the model. ``path`` may be a weights file, an HF-style
+    ``*.index.json``, or a checkpoint directory.
     """
     resolved = _resolve(path)
     fmt = _sniff(resolved)
@@ -1126,7 +1221,7 @@ def load_state_dict(path: PathLike) -> Dict[str, np.ndarray]:
         duplicates = merged.keys() & shard.keys()
         if duplicates:
             raise _error(path, f"tensors {sorted(duplicates)[:10]} appear in more than one shard")
-        merged.update(shard)
+        merged.update((name, np.asarray(value)) for name, value in shard.items())
     return merged
 
 

@@ -1,22 +1,32 @@
-"""Copy a checkpoint's tensors into a built model, strictly.
+"""Copy a checkpoint's tensors into a built model, strictly, one tensor at a time.
 
 Every parameter of the model must be provided exactly once with the right shape,
 and every tensor in the checkpoint must land somewhere: a silently half-loaded
 model gives plausible but wrong features, which is the worst failure mode a model
-zoo can have. Checkpoints are consumed shard by shard, so host memory stays near
-one shard plus the model.
+zoo can have.
+
+Loading streams: the checkpoint is memory-mapped, the layout conversion is planned
+without reading anything (:func:`convert_state_dict` with ``lazy=True``), and each
+tensor is read, converted, cast to the target dtype and handed to its parameter
+before the next one is touched; its file pages are then released. A model built
+under ``paddle.LazyGuard`` has no storage until its data arrives, so host memory
+peaks near the model itself in the target dtype plus one tensor, whatever the
+checkpoint's size or dtype.
 """
 from __future__ import annotations
 
 import logging
+import resource
+import sys
+import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import paddle
+from tqdm import tqdm
 
-
-from .checkpoint import iter_checkpoint_shards
+from .checkpoint import iter_checkpoint_shards, release
 from .convert import ConversionError, convert_state_dict, detect_layout, resize_pos_embed
 
 logger = logging.getLogger(__name__)
@@ -50,33 +60,101 @@ def _fit(name: str, value: np.ndarray, target: paddle.Tensor, model) -> np.ndarr
     raise WeightLoadError(f"shape mismatch for {name}: checkpoint has {list(value.shape)}, model expects {shape}")
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+# Casts that keep every value, so casting back gives the same bits: loading a float16 tensor
+# into a float32 parameter and then casting the model to float16 is the identity.
+_EXACT_WIDENING = {(np.dtype(np.float16), np.dtype(np.float32)), (np.dtype(np.float16), np.dtype(np.float64)),
+                   (np.dtype(np.float32), np.dtype(np.float64))}
+
+
+def _numpy_dtype(dtype: paddle.dtype) -> Optional[np.dtype]:
+    """The numpy dtype of a Paddle dtype; None for bfloat16, which numpy lacks."""
+    if dtype == paddle.bfloat16:
+        return None
+    return np.dtype(str(dtype).rsplit(".", 1)[-1])
+
+
+def _assign(param: paddle.Tensor, value: np.ndarray, dtype: Optional[paddle.dtype]) -> int:
+    """Give ``param`` the data ``value``, cast to the parameter's dtype and then to ``dtype``.
+
+    The two casts are those of loading into the model and then ``model.to(dtype)``, so the
+    bits are the same, but only this tensor is ever held twice; a round trip through an
+    exact widening is skipped. numpy casts (it is faster than Paddle's CPU cast and rounds
+    the same), Paddle takes over for bfloat16. A parameter built under ``LazyGuard`` has no
+    storage yet and takes the new tensor's; an allocated one keeps its storage when the
+    dtype stays. Returns the bytes the parameter now holds.
+    """
+    final = param.dtype if dtype is None else dtype
+    chain = [param.dtype, final]
+    if value.dtype == _numpy_dtype(final) and (value.dtype, _numpy_dtype(param.dtype)) in _EXACT_WIDENING:
+        chain = []
+    tensor: Optional[paddle.Tensor] = None
+    for step in chain:
+        numpy_step = _numpy_dtype(step)
+        if tensor is None and numpy_step is not None:
+            value = value.astype(numpy_step, copy=False)
+            continue
+        if tensor is None:
+            tensor = paddle.to_tensor(value)
+        if tensor.dtype != step:
+            tensor = tensor.astype(step)
+    if tensor is None:
+        tensor = paddle.to_tensor(value)
+    if param._is_initialized() and tensor.dtype == param.dtype:
+        param.set_value(tensor)
+    else:
+        param.value().get_tensor()._share_data_nocheck_with(tensor.value().get_tensor())
+    return tensor.numel().item() * tensor.element_size()
+
+
 def load_state_dict_into(
     model: paddle.nn.Layer,
-    shards: Iterable[Dict[str, np.ndarray]],
+    shards: Iterable[Dict[str, Any]],
     layout: Optional[str] = None,
     source: str = "checkpoint",
+    dtype: Optional[Union[str, paddle.dtype]] = None,
+    progress: Optional[bool] = False,
 ) -> None:
-    """Convert and copy each shard into ``model``; raise on missing/unexpected/mis-shaped keys."""
+    """Convert and copy each shard into ``model``; raise on missing/unexpected/mis-shaped keys.
+
+    Shard values may be arrays or :class:`~paddlemix.zoo.checkpoint.LazyArray`; each is read
+    only when its parameter is filled. ``dtype`` (e.g. ``"float16"``) is the dtype every
+    parameter ends in, as after ``model.to(dtype=...)``; None keeps the model's. ``progress``
+    shows a bar over the model's tensors (None: only on a terminal).
+    """
     targets = _target_tensors(model)
+    if dtype is not None and not isinstance(dtype, paddle.dtype):
+        dtype = paddle.base.framework.convert_np_dtype_to_dtype_(dtype)
     loaded: Set[str] = set()
     unexpected = []
-    for shard in shards:
-        if not shard:
-            continue
-        layout = layout or detect_layout(shard)
-        converted = convert_state_dict(shard, layout)
-        del shard
-        for name, value in converted.items():
-            if name not in targets:
-                unexpected.append(name)
+    start, nbytes = time.perf_counter(), 0
+    # tqdm's disable=None shows the bar on a terminal only; the delay keeps quick loads quiet.
+    bar = tqdm(total=len(targets), unit="tensor", desc=f"loading {Path(source).name}", leave=False, delay=2.0,
+               disable=None if progress is None else not progress)
+    with bar:
+        for shard in shards:
+            if not shard:
                 continue
-            if name in loaded:
-                raise WeightLoadError(f"{source}: weight {name} is given twice")
-            target = targets[name]
-            value = _fit(name, np.asarray(value), target, model)
-            target.set_value(paddle.to_tensor(value).astype(target.dtype))
-            loaded.add(name)
-        del converted
+            layout = layout or detect_layout(shard)
+            converted = convert_state_dict(shard, layout, lazy=True)
+            del shard
+            for name in list(converted):
+                value = converted.pop(name)
+                if name not in targets:
+                    unexpected.append(name)
+                    continue
+                if name in loaded:
+                    raise WeightLoadError(f"{source}: weight {name} is given twice")
+                target = targets[name]
+                nbytes += _assign(target, _fit(name, np.asarray(value), target, model), dtype)
+                release(value)
+                loaded.add(name)
+                bar.update()
     missing = sorted(set(targets) - loaded)
     if unexpected or missing:
         problems = _mismatch_summary(("missing weights", missing), ("unexpected weights", sorted(unexpected)))
@@ -84,15 +162,30 @@ def load_state_dict_into(
             f"{source} does not match the model ({problems}). "
             "Check that the model config is the one these weights were trained with."
         )
-    logger.info("loaded %d tensors from %s (%s layout)", len(loaded), source, layout)
+    logger.info(
+        "loaded %d tensors (%.2f GB) from %s (%s layout) in %.1f s; peak RSS %.2f GB",
+        len(loaded), nbytes / 1e9, source, layout, time.perf_counter() - start, _peak_rss_bytes() / 1e9,
+    )
 
 
-def load_checkpoint(model: paddle.nn.Layer, path: Union[str, Path], layout: Optional[str] = None) -> None:
-    """Load a weights file, an index of shards, or a checkpoint directory into ``model``."""
+def load_checkpoint(
+    model: paddle.nn.Layer,
+    path: Union[str, Path],
+    layout: Optional[str] = None,
+    dtype: Optional[Union[str, paddle.dtype]] = None,
+    progress: Optional[bool] = False,
+) -> None:
+    """Load a weights file, an index of shards, or a checkpoint directory into ``model``.
+
+    ``dtype`` casts every parameter on the way in (as ``model.to(dtype=...)`` after loading
+    would, without a second copy of the model); ``progress`` as in :func:`load_state_dict_into`.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"pretrained weights {path} do not exist; give a file or a directory of weights")
     try:
-        load_state_dict_into(model, iter_checkpoint_shards(path), layout=layout, source=str(path))
+        load_state_dict_into(
+            model, iter_checkpoint_shards(path), layout=layout, source=str(path), dtype=dtype, progress=progress
+        )
     except ConversionError as e:
         raise WeightLoadError(f"{path}: {e}") from e

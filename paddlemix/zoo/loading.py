@@ -15,7 +15,9 @@ checkpoint's size or dtype.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import math
 import resource
 import sys
 import time
@@ -66,8 +68,7 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-# Casts that keep every value, so casting back gives the same bits: loading a float16 tensor
-# into a float32 parameter and then casting the model to float16 is the identity.
+# Casts that keep every value: going through them first changes nothing.
 _EXACT_WIDENING = {(np.dtype(np.float16), np.dtype(np.float32)), (np.dtype(np.float16), np.dtype(np.float64)),
                    (np.dtype(np.float32), np.dtype(np.float64))}
 
@@ -79,32 +80,39 @@ def _numpy_dtype(dtype: paddle.dtype) -> Optional[np.dtype]:
     return np.dtype(str(dtype).rsplit(".", 1)[-1])
 
 
+def _host_array(tensor: paddle.Tensor, dtype: np.dtype) -> np.ndarray:
+    """A writable numpy view of a contiguous CPU tensor's memory (valid while ``tensor`` lives)."""
+    nbytes = math.prod(tensor.shape) * dtype.itemsize
+    if nbytes == 0:
+        return np.empty(tensor.shape, dtype=dtype)
+    return np.frombuffer((ctypes.c_char * nbytes).from_address(tensor.data_ptr()), dtype=dtype).reshape(tensor.shape)
+
+
 def _assign(param: paddle.Tensor, value: np.ndarray, dtype: Optional[paddle.dtype]) -> int:
     """Give ``param`` the data ``value``, cast to the parameter's dtype and then to ``dtype``.
 
     The two casts are those of loading into the model and then ``model.to(dtype)``, so the
-    bits are the same, but only this tensor is ever held twice; a round trip through an
-    exact widening is skipped. numpy casts (it is faster than Paddle's CPU cast and rounds
-    the same), Paddle takes over for bfloat16. A parameter built under ``LazyGuard`` has no
-    storage yet and takes the new tensor's; an allocated one keeps its storage when the
-    dtype stays. Returns the bytes the parameter now holds.
+    bits are the same; the intermediate one is skipped when it cannot change a value (no
+    cast, or an exact widening such as float16 -> float32). On CPU the result is written
+    straight into the new parameter's memory, casting on the way (numpy rounds as Paddle
+    does), so no tensor is ever held twice; bfloat16, which numpy lacks, goes through
+    Paddle's cast. A parameter built under ``LazyGuard`` has no storage yet and takes the
+    new tensor's; an allocated one keeps its storage when the dtype stays. Returns the bytes
+    the parameter now holds.
     """
     final = param.dtype if dtype is None else dtype
-    chain = [param.dtype, final]
-    if value.dtype == _numpy_dtype(final) and (value.dtype, _numpy_dtype(param.dtype)) in _EXACT_WIDENING:
-        chain = []
-    tensor: Optional[paddle.Tensor] = None
-    for step in chain:
-        numpy_step = _numpy_dtype(step)
-        if tensor is None and numpy_step is not None:
-            value = value.astype(numpy_step, copy=False)
-            continue
-        if tensor is None:
-            tensor = paddle.to_tensor(value)
-        if tensor.dtype != step:
-            tensor = tensor.astype(step)
-    if tensor is None:
-        tensor = paddle.to_tensor(value)
+    param_np, final_np = _numpy_dtype(param.dtype), _numpy_dtype(final)
+    if param_np is not None and value.dtype != param_np and param_np != final_np \
+            and (value.dtype, param_np) not in _EXACT_WIDENING:
+        value = value.astype(param_np)
+    if final_np is not None and paddle.device.get_device() == "cpu":
+        tensor = paddle.empty(list(param.shape), dtype=final)
+        np.copyto(_host_array(tensor, final_np), value.reshape(param.shape), casting="unsafe")
+    elif final_np is not None:
+        tensor = paddle.to_tensor(value.astype(final_np, copy=False))
+    else:
+        tensor = paddle.to_tensor(value if param_np is None else value.astype(param_np, copy=False))
+        tensor = tensor.astype(param.dtype).astype(final)
     if param._is_initialized() and tensor.dtype == param.dtype:
         param.set_value(tensor)
     else:

@@ -169,14 +169,15 @@ class LazyArray:
     decoded file tensors and None for layout conversions; ``dtype`` is the result's.
     """
 
-    __slots__ = ("_fn", "_sources", "shape", "dtype")
+    __slots__ = ("_fn", "_sources", "_into", "shape", "dtype")
 
     def __init__(
         self, fn: Callable[..., np.ndarray], *sources: Any, shape: Optional[Tuple[int, ...]] = None,
-        dtype: Any = None,
+        dtype: Any = None, into: Optional[Callable[..., Any]] = None,
     ) -> None:
         self._fn = fn
         self._sources = sources
+        self._into = into  # into(out, *arrays) writes fn(*arrays) into out; saves a copy in write()
         self.shape = shape
         self.dtype = np.dtype(dtype) if dtype is not None else sources[0].dtype
 
@@ -189,6 +190,14 @@ class LazyArray:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         array = self._fn(*(np.asarray(source) for source in self._sources))
         return array if dtype is None else array.astype(dtype, copy=False)
+
+    def write(self, out: np.ndarray) -> None:
+        """Write the value into ``out`` (its shape, any dtype: values are cast as ``astype`` does)."""
+        arrays = [np.asarray(source) for source in self._sources]
+        if self._into is not None:
+            self._into(out, *arrays)
+        else:
+            np.copyto(out, self._fn(*arrays), casting="unsafe")
 
     def release(self) -> None:
         for source in self._sources:

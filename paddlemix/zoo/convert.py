@@ -52,17 +52,21 @@ def detect_layout(sd: StateDict) -> str:
 _TRANSPOSE_TILE = 256
 
 
-def _t(x: np.ndarray) -> np.ndarray:
-    """``x.T`` made contiguous, tile by tile: a plain strided copy of a big matrix misses the
-    cache on nearly every element and costs several times the tiled one."""
-    if x.ndim != 2:
-        return np.ascontiguousarray(x.T)
+def _transpose_into(out: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``out[...] = x.T`` tile by tile: a plain strided copy of a big matrix misses the cache on
+    nearly every element and costs several times the tiled one. ``out`` may have another
+    dtype; values are cast as they are written."""
     rows, cols = x.shape
-    out = np.empty((cols, rows), dtype=x.dtype)
     for i in range(0, rows, _TRANSPOSE_TILE):
         for j in range(0, cols, _TRANSPOSE_TILE):
             out[j:j + _TRANSPOSE_TILE, i:i + _TRANSPOSE_TILE] = x[i:i + _TRANSPOSE_TILE, j:j + _TRANSPOSE_TILE].T
     return out
+
+
+def _t(x: np.ndarray) -> np.ndarray:
+    if x.ndim != 2:
+        return np.ascontiguousarray(x.T)
+    return _transpose_into(np.empty(x.shape[::-1], dtype=x.dtype), x)
 
 
 def _concat0(*parts: np.ndarray) -> np.ndarray:
@@ -156,7 +160,11 @@ class _Mapper:
         if src not in self.src:
             return False
         value = self.src.pop(src)
-        self.out[dst] = LazyArray(fn, value) if fn is not None else value
+        shape = getattr(value, "shape", None)
+        if fn is _t and shape is not None and len(shape) == 2:  # a loader can transpose straight into a parameter
+            self.out[dst] = LazyArray(_t, value, shape=tuple(shape[::-1]), into=_transpose_into)
+        else:
+            self.out[dst] = LazyArray(fn, value) if fn is not None else value
         return True
 
     def block(self, src_prefix: str, dst_prefix: str, rules: List[Tuple[str, str, bool]]) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from .checkpoint import iter_checkpoint_shards, release
+from .checkpoint import LazyArray, iter_checkpoint_shards, release
 from .convert import ConversionError, convert_state_dict, detect_layout, resize_pos_embed
 
 logger = logging.getLogger(__name__)
@@ -104,13 +104,18 @@ def _assign(param: paddle.Tensor, value: np.ndarray, dtype: Optional[paddle.dtyp
     param_np, final_np = _numpy_dtype(param.dtype), _numpy_dtype(final)
     if param_np is not None and value.dtype != param_np and param_np != final_np \
             and (value.dtype, param_np) not in _EXACT_WIDENING:
-        value = value.astype(param_np)
+        value = np.asarray(value).astype(param_np)
     if final_np is not None and paddle.device.get_device() == "cpu":
         tensor = paddle.empty(list(param.shape), dtype=final)
-        np.copyto(_host_array(tensor, final_np), value.reshape(param.shape), casting="unsafe")
+        out = _host_array(tensor, final_np)
+        if isinstance(value, LazyArray):  # shape checked by the caller
+            value.write(out)
+        else:
+            np.copyto(out, value.reshape(out.shape), casting="unsafe")
     elif final_np is not None:
-        tensor = paddle.to_tensor(value.astype(final_np, copy=False))
+        tensor = paddle.to_tensor(np.asarray(value).astype(final_np, copy=False))
     else:
+        value = np.asarray(value)
         tensor = paddle.to_tensor(value if param_np is None else value.astype(param_np, copy=False))
         tensor = tensor.astype(param.dtype).astype(final)
     if param._is_initialized() and tensor.dtype == param.dtype:
@@ -159,7 +164,9 @@ def load_state_dict_into(
                 if name in loaded:
                     raise WeightLoadError(f"{source}: weight {name} is given twice")
                 target = targets[name]
-                nbytes += _assign(target, _fit(name, np.asarray(value), target, model), dtype)
+                if not (isinstance(value, LazyArray) and value.shape == tuple(target.shape)):
+                    value = _fit(name, np.asarray(value), target, model)
+                nbytes += _assign(target, value, dtype)
                 release(value)
                 loaded.add(name)
                 bar.update()

@@ -66,7 +66,7 @@ save_file(state, sys.argv[2])
 _SHAPES = _PEER_PRELUDE + """
 import json
 with torch.device("meta"):
-    model = open_clip.create_model(sys.argv[1], pretrained=None)
+    model = open_clip.create_model(sys.argv[1], pretrained=None, device="meta")
 print(json.dumps({k: list(v.shape) for k, v in model.state_dict().items()}))
 """
 
@@ -147,17 +147,12 @@ def _make_bigg(peer: Optional[str], workdir: Path, env: Dict[str, str], shards: 
                                        capture_output=True, text=True).stdout.strip().splitlines()[-1])
     directory.mkdir(parents=True, exist_ok=True)
     total = sum(int(np.prod(s)) * 2 for s in shapes.values())
-    limit = total // shards + 1
     rng = np.random.default_rng(0)
-    groups: List[List[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = int(np.prod(shape)) * 2
-        if size + nbytes > limit and groups[-1]:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
+    groups: List[List[str]] = [[] for _ in range(shards)]
+    done = 0
+    for name, shape in shapes.items():  # in order, each tensor to the shard its first byte falls in
+        groups[min(shards - 1, done * shards // total)].append(name)
+        done += int(np.prod(shape)) * 2
     weight_map = {}
     for i, names in enumerate(groups):
         file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 from .zoo.checkpoint import CheckpointError
 from .zoo.convert import ConversionError
-from .zoo.export import DTYPES, read_manifest, source_check, write_model_dir
+from .zoo.export import DTYPES, parse_size, read_manifest, source_check, write_model_dir
 from .zoo.loading import WeightLoadError
 from .zoo.pretrained import model_config
 
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="zoo name, architecture name, or config JSON; default: the config in --src")
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="weight precision stored (default fp16)")
+    parser.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
+                        help="split the weights into safetensors shards of at most SIZE (e.g. 5GB) behind an index")
     parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="key layout of --src (default: detect)")
     parser.add_argument("--mean", type=float, nargs=3, help="override the normalisation mean stored in preprocess_cfg")
     parser.add_argument("--std", type=float, nargs=3, help="override the normalisation std")
@@ -85,6 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.perf_counter()
     try:
         write_model_dir(src, cfg, out, dtype=args.dtype, layout=layout, overwrite=args.overwrite, check=check,
+                        max_shard_size=args.max_shard_size,
                         source={"path": str(src.resolve()), "model": args.model or str(src)})
     except (CheckpointError, ConversionError, WeightLoadError, FileExistsError, RuntimeError) as e:
         logger.error("%s; nothing was written to %s", e, out)

@@ -19,7 +19,14 @@ import paddle
 import pytest
 
 import paddlemix
-from paddlemix.zoo.checkpoint import LazyArray, load_state_dict, release, save_safetensors, to_bfloat16_bits
+from paddlemix.zoo.checkpoint import (
+    LazyArray,
+    load_state_dict,
+    release,
+    save_safetensors,
+    save_safetensors_sharded,
+    to_bfloat16_bits,
+)
 from paddlemix.zoo.convert import convert_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +185,65 @@ def test_loading_a_big_checkpoint_holds_a_bounded_number_of_tensors(tmp_path):
     bound = result["model_bytes"] + 4 * largest + 32e6
     print(f"peak growth {growth / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB, model {result['model_bytes'] / 1e6:.0f} MB")
     assert growth <= bound, (growth / 1e6, bound / 1e6)
+
+
+def test_sharded_save_round_trips_and_respects_the_size(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.standard_normal((i + 1, 100)).astype(np.float32) for i in range(8)}
+    bits = to_bfloat16_bits(tensors["t7"])
+    tensors["t7"] = bits
+    files = save_safetensors_sharded(tensors, tmp_path, 1200, {"format": "np"}, bfloat16=["t7"])
+    index = json.loads((tmp_path / files[-1]).read_text())
+    assert files[-1] == "model.safetensors.index.json" and len(files) > 3
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    for file in files[:-1]:  # a tensor bigger than the limit has a shard of its own
+        names = [n for n, f in index["weight_map"].items() if f == file]
+        assert len(names) == 1 or sum(tensors[n].nbytes for n in names) <= 1200
+    loaded = load_state_dict(tmp_path / files[-1])
+    for name in tensors:
+        expected = tensors[name] if name != "t7" else (bits.astype(np.uint32) << 16).view(np.float32)
+        np.testing.assert_array_equal(loaded[name], expected)
+    one = tmp_path / "one"
+    one.mkdir()
+    assert save_safetensors_sharded(tensors, one, 10**9, bfloat16=["t7"]) == ["model.safetensors"]
+
+
+def test_save_writes_lazy_tensors_one_at_a_time(tmp_path):
+    reads = []
+
+    def lazy(i):
+        return LazyArray(lambda: reads.append(i) or np.full((2, 3), i, np.float16), shape=(2, 3), dtype=np.float16)
+
+    save_safetensors({f"t{i}": lazy(i) for i in range(3)}, tmp_path / "w.safetensors")
+    assert reads == [0, 1, 2]
+    assert [float(v[0, 0]) for v in load_state_dict(tmp_path / "w.safetensors").values()] == [0, 1, 2]
+    with pytest.raises(ValueError, match="came out as"):  # a value that breaks the header's promise
+        save_safetensors({"t": LazyArray(lambda: np.zeros(4, np.float16), shape=(2, 3), dtype=np.float16)},
+                         tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_convert_cli_writes_shards_that_load_like_one_file(tmp_path, dtype):
+    from paddlemix.convert import main
+
+    case = PARITY / "eva02_rope_swiglu"
+    common = ["--src", str(case / "pytorch_model.bin"), "--model", str(case / "model_config.json"),
+              "--dtype", dtype, "--no-verify"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert main(common + ["--out", str(tmp_path / "sharded"), "--max-shard-size", "20kB"]) == 0
+    manifest = json.loads((tmp_path / "sharded" / "manifest.json").read_text())
+    shards = sorted(f for f in manifest["files"] if f.endswith(".safetensors"))
+    assert len(shards) > 2 and "model.safetensors.index.json" in manifest["files"]
+    one = paddlemix.create_model(tmp_path / "one", precision=dtype)
+    sharded = paddlemix.create_model(tmp_path / "sharded", precision=dtype)
+    _assert_same_bits(sharded, one)
+
+
+def test_parse_size():
+    from paddlemix.zoo.export import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1000") == 1000
+    assert parse_size("1.5 mb") == 1_500_000
+    with pytest.raises(ValueError, match="5GB"):
+        parse_size("lots")

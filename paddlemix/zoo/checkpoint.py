@@ -51,6 +51,7 @@ __all__ = [
     "find_checkpoint_file",
     "safetensors_metadata",
     "save_safetensors",
+    "save_safetensors_sharded",
     "to_bfloat16_bits",
 ]
 
@@ -1239,9 +1240,17 @@ def load_state_dict(path: PathLike) -> Dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------
 
 
+class _Planned(NamedTuple):
+    name: str
+    value: Any  # np.ndarray or LazyArray (read only when written)
+    shape: Tuple[int, ...]
+    dtype: np.dtype  # as stored (little-endian)
+
+
 def _safetensors_payload(
-    path: PathLike, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]], bfloat16: Collection[str]
-) -> Tuple[bytes, List[np.ndarray]]:
+    path: PathLike, tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]], bfloat16: Collection[str]
+) -> Tuple[bytes, List[_Planned]]:
+    """The header, from names, shapes and dtypes alone, and the tensors in the order it places them."""
     header: Dict[str, Any] = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -1250,33 +1259,49 @@ def _safetensors_payload(
     unknown_bf16 = set(bfloat16) - set(tensors)
     if unknown_bf16:
         raise _error(path, f"bfloat16 names {sorted(unknown_bf16)} are not among the tensors")
-    arrays = []
+    planned = []
     offset = 0
     for name, value in tensors.items():
         if not isinstance(name, str) or not name or name == "__metadata__":
             raise _error(path, f"invalid tensor name {name!r}")
-        array = np.asarray(value)
-        native = array.dtype.newbyteorder("=")
+        if isinstance(value, LazyArray):
+            if value.shape is None:
+                raise _error(path, f"tensor {name!r} is a LazyArray of unknown shape; give its shape to write it")
+        else:
+            value = np.asarray(value)
+        dtype = value.dtype
+        native = dtype.newbyteorder("=")
         if name in bfloat16:
-            if array.dtype != np.uint16:
-                raise _error(path, f"bfloat16 tensor {name!r} must be given as uint16 bits (see to_bfloat16_bits), got {array.dtype}")
+            if dtype != np.uint16:
+                raise _error(path, f"bfloat16 tensor {name!r} must be given as uint16 bits (see to_bfloat16_bits), got {dtype}")
             code = "BF16"
         elif native in _NUMPY_TO_SAFETENSORS:
             code = _NUMPY_TO_SAFETENSORS[native]
         else:
             raise _error(
                 path,
-                f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store; supported: "
+                f"tensor {name!r} has dtype {dtype}, which safetensors cannot store; supported: "
                 f"{', '.join(str(d) for d in _NUMPY_TO_SAFETENSORS)}",
             )
-        shape = list(array.shape)
-        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1)
-        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + little.nbytes]}
-        offset += little.nbytes
-        arrays.append(little)
+        shape = tuple(int(d) for d in value.shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        planned.append(_Planned(name, value, shape, dtype.newbyteorder("<")))
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # keep the data region 8-byte aligned for mmap readers
-    return blob, arrays
+    return blob, planned
+
+
+def _write_planned(path: PathLike, f: Any, tensor: _Planned) -> None:
+    """Read one tensor, check it is what the header promised, write it, let its pages go."""
+    array = np.asarray(tensor.value)
+    if tuple(array.shape) != tensor.shape or array.dtype.newbyteorder("<") != tensor.dtype:
+        raise _error(path, f"tensor {tensor.name!r} came out as {array.dtype} {list(array.shape)}, "
+                           f"expected {tensor.dtype} {list(tensor.shape)}")
+    f.write(np.ascontiguousarray(array, dtype=tensor.dtype).reshape(-1).view(np.uint8).data)
+    del array
+    release(tensor.value)
 
 
 def save_safetensors(
@@ -1286,7 +1311,11 @@ def save_safetensors(
     *,
     bfloat16: Collection[str] = (),
 ) -> None:
-    """Write ``tensors`` as a safetensors file, atomically.
+    """Write ``tensors`` as a safetensors file, atomically, one tensor at a time.
+
+    Values may be arrays or :class:`LazyArray` of known shape and dtype: the header is
+    written from those, and each value is read only when its bytes are written, so a
+    converted multi-GB checkpoint never exists in memory as a whole.
 
     The file is written to a temporary name in the same directory, synced and renamed over
     ``path``, so a crash or full disk never leaves a half-written checkpoint under the real
@@ -1294,7 +1323,7 @@ def save_safetensors(
     :func:`to_bfloat16_bits`) and list their names in ``bfloat16``.
     """
     path = os.fspath(path)
-    blob, arrays = _safetensors_payload(path, tensors, metadata, frozenset(bfloat16))
+    blob, planned = _safetensors_payload(path, tensors, metadata, frozenset(bfloat16))
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, temp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -1304,8 +1333,8 @@ def save_safetensors(
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
-            for array in arrays:
-                f.write(array.view(np.uint8).data)
+            for tensor in planned:
+                _write_planned(path, f, tensor)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(temp_path, 0o644)
@@ -1325,3 +1354,52 @@ def save_safetensors(
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+
+def save_safetensors_sharded(
+    tensors: Mapping[str, Any],
+    directory: PathLike,
+    max_shard_bytes: int,
+    metadata: Optional[Mapping[str, str]] = None,
+    *,
+    bfloat16: Collection[str] = (),
+    prefix: str = "model",
+) -> List[str]:
+    """Write ``tensors`` as safetensors shards of at most ``max_shard_bytes`` each (a tensor
+    bigger than that gets a shard of its own) plus an HF-style ``<prefix>.safetensors.index.json``.
+
+    When everything fits in one shard the result is a plain ``<prefix>.safetensors`` and no
+    index. Values are read one at a time, as in :func:`save_safetensors`. Returns the file
+    names written, index last.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    directory = os.fspath(directory)
+    bf16 = frozenset(bfloat16)
+    groups: List[List[str]] = [[]]
+    size = total = 0
+    for name, value in tensors.items():
+        nbytes = math.prod(value.shape) * value.dtype.itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+        total += nbytes
+    if len(groups) == 1:
+        save_safetensors(tensors, os.path.join(directory, f"{prefix}.safetensors"), metadata, bfloat16=bf16)
+        return [f"{prefix}.safetensors"]
+    files, weight_map = [], {}
+    for i, names in enumerate(groups):
+        file = f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_safetensors({n: tensors[n] for n in names}, os.path.join(directory, file), metadata,
+                         bfloat16=[n for n in names if n in bf16])
+        weight_map.update((n, file) for n in names)
+        files.append(file)
+    index = f"{prefix}.safetensors.index.json"
+    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=f".{index}.", suffix=".tmp", delete=False,
+                                     encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total, **dict(metadata or {})}, "weight_map": weight_map}, f, indent=1)
+    os.chmod(f.name, 0o644)
+    os.replace(f.name, os.path.join(directory, index))
+    return files + [index]

@@ -14,13 +14,13 @@ tensor at a time.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from .checkpoint import LazyArray
 
-__all__ = ["detect_layout", "convert_state_dict", "resize_pos_embed", "hf_config_to_model_cfg", "ConversionError"]
+__all__ = ["detect_layout", "convert_state_dict", "convert_shards", "resize_pos_embed", "hf_config_to_model_cfg", "ConversionError"]
 
 StateDict = Dict[str, np.ndarray]
 
@@ -446,6 +446,32 @@ def convert_state_dict(sd: StateDict, layout: Optional[str] = None, *, lazy: boo
     if lazy:
         return converted
     return {name: np.asarray(value) for name, value in converted.items()}
+
+
+def convert_shards(shards: Iterable[StateDict], layout: Optional[str] = None) -> Iterator[Tuple[str, StateDict]]:
+    """``(layout, lazily converted tensors)`` shard by shard.
+
+    The layout is detected from the first shard that shows it; a shard whose names alone do
+    not (a small shard holding only a stem tensor) waits to be converted with the next one,
+    which costs nothing: its values are unread views of the file.
+    """
+    pending: StateDict = {}
+    for shard in shards:
+        if not shard:
+            continue
+        twice = pending.keys() & shard.keys()
+        if twice:
+            raise ConversionError(f"tensors {sorted(twice)[:10]} appear in more than one shard")
+        pending.update(shard)
+        if layout is None:
+            try:
+                layout = detect_layout(pending)
+            except ConversionError:
+                continue
+        yield layout, convert_state_dict(pending, layout, lazy=True)
+        pending = {}
+    if pending:
+        detect_layout(pending)  # raises: no shard told the layout
 
 
 def resize_pos_embed(pos: np.ndarray, new_grid: Tuple[int, int], num_prefix_tokens: int = 1) -> np.ndarray:

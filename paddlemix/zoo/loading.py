@@ -29,7 +29,7 @@ import paddle
 from tqdm import tqdm
 
 from .checkpoint import LazyArray, iter_checkpoint_shards, release
-from .convert import ConversionError, convert_state_dict, detect_layout, resize_pos_embed
+from .convert import ConversionError, convert_shards, resize_pos_embed
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +150,7 @@ def load_state_dict_into(
     bar = tqdm(total=len(targets), unit="tensor", desc=f"loading {Path(source).name}", leave=False, delay=2.0,
                disable=None if progress is None else not progress)
     with bar:
-        for shard in shards:
-            if not shard:
-                continue
-            layout = layout or detect_layout(shard)
-            converted = convert_state_dict(shard, layout, lazy=True)
-            del shard
+        for layout, converted in convert_shards(shards, layout):
             for name in list(converted):
                 value = converted.pop(name)
                 if name not in targets:

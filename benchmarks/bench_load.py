@@ -8,7 +8,7 @@ precision=...)`` in a fresh process each time):
 
 * ViT-L-14 fp16 state dict saved by open_clip with ``torch.save`` (a torch zip ``.bin``),
   loaded into an fp32 and an fp16 model;
-* the same state dict as ``.safetensors``, fp32 and fp16;
+* the same state dict as ``.safetensors``, fp32, fp16 and bf16;
 * ``--bigg``: ViT-bigG-14 (2.54 B parameters, 5.1 GB in fp16) as three safetensors shards
   behind a ``model.safetensors.index.json``, random values written with numpy, loaded in
   fp16 (open_clip cannot load a sharded checkpoint, so paddlemix only).
@@ -230,6 +230,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--bigg", action="store_true", help="also the 5.1 GB sharded ViT-bigG-14 row (needs ~8 GB RAM)")
     parser.add_argument("--only", nargs="*", help="row names to run (default: all)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints in --workdir")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the rows of an existing --json that this run does not redo")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
@@ -250,7 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.peer_python:
             vitl = _make_vitl(args.peer_python, args.workdir, peer_env)
             for fmt in ("bin", "safetensors"):
-                for precision in ("fp32", "fp16"):
+                for precision in ("fp32", "fp16", "bf16") if fmt == "safetensors" else ("fp32", "fp16"):
                     cases.append((f"vit_l_14_{fmt}_{precision}", "ViT-L-14", vitl[fmt], precision, [vitl[fmt]]))
         else:
             logger.warning("no --peer-python: the ViT-L-14 files are made by open_clip, skipping those rows")
@@ -267,6 +269,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
+    if args.update and args.json and args.json.is_file():
+        redone = {row["name"] for row in result["rows"]}
+        previous = json.loads(args.json.read_text())
+        result["rows"] = [row for row in previous["rows"] if row["name"] not in redone] + result["rows"]
     result["table"] = _table(result)
     print(result["table"])
     if args.json:

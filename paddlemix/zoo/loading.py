@@ -152,7 +152,7 @@ def load_state_dict_into(
     with bar:
         for layout, converted in convert_shards(shards, layout):
             for name in list(converted):
-                value = converted.pop(name)
+                planned = value = converted.pop(name)
                 if name not in targets:
                     unexpected.append(name)
                     continue
@@ -162,7 +162,7 @@ def load_state_dict_into(
                 if not (isinstance(value, LazyArray) and value.shape == tuple(target.shape)):
                     value = _fit(name, np.asarray(value), target, model)
                 nbytes += _assign(target, value, dtype)
-                release(value)
+                release(planned)  # the file pages it was read from
                 loaded.add(name)
                 bar.update()
     missing = sorted(set(targets) - loaded)

@@ -73,6 +73,9 @@ _EXACT_WIDENING = {(np.dtype(np.float16), np.dtype(np.float32)), (np.dtype(np.fl
                    (np.dtype(np.float32), np.dtype(np.float64))}
 
 
+_BF16_SLICE = 1 << 20  # elements cast to bfloat16 at a time
+
+
 def _numpy_dtype(dtype: paddle.dtype) -> Optional[np.dtype]:
     """The numpy dtype of a Paddle dtype; None for bfloat16, which numpy lacks."""
     if dtype == paddle.bfloat16:
@@ -105,15 +108,23 @@ def _assign(param: paddle.Tensor, value: np.ndarray, dtype: Optional[paddle.dtyp
     if param_np is not None and value.dtype != param_np and param_np != final_np \
             and (value.dtype, param_np) not in _EXACT_WIDENING:
         value = np.asarray(value).astype(param_np)
-    if final_np is not None and paddle.device.get_device() == "cpu":
+    on_cpu = paddle.device.get_device() == "cpu"
+    if final_np is not None and on_cpu:
         tensor = paddle.empty(list(param.shape), dtype=final)
         out = _host_array(tensor, final_np)
         if isinstance(value, LazyArray):  # shape checked by the caller
             value.write(out)
         else:
             np.copyto(out, value.reshape(out.shape), casting="unsafe")
-    elif final_np is not None:
-        tensor = paddle.to_tensor(np.asarray(value).astype(final_np, copy=False))
+    elif final == paddle.bfloat16 and on_cpu:
+        # Paddle casts (numpy has no bfloat16), a slice at a time so only a slice is held twice.
+        tensor = paddle.empty(list(param.shape), dtype=final)
+        out = _host_array(tensor, np.dtype(np.uint16)).reshape(-1)
+        flat = np.asarray(value).reshape(-1)
+        for start in range(0, flat.size, _BF16_SLICE):
+            piece = flat[start:start + _BF16_SLICE]
+            piece = paddle.to_tensor(piece if param_np is None else piece.astype(param_np, copy=False))
+            out[start:start + _BF16_SLICE] = piece.astype(param.dtype).astype(final).numpy()  # bf16 -> uint16 bits
     else:
         value = np.asarray(value)
         tensor = paddle.to_tensor(value if param_np is None else value.astype(param_np, copy=False))

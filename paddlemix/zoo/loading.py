@@ -73,7 +73,7 @@ _EXACT_WIDENING = {(np.dtype(np.float16), np.dtype(np.float32)), (np.dtype(np.fl
                    (np.dtype(np.float32), np.dtype(np.float64))}
 
 
-_BF16_SLICE = 1 << 20  # elements cast to bfloat16 at a time
+_BF16_SLICE = 1 << 16  # elements cast to bfloat16 at a time: small enough for malloc to reuse, not keep
 
 
 def _numpy_dtype(dtype: paddle.dtype) -> Optional[np.dtype]:

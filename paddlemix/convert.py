@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional
 
 from .errors import PaddleMIXError
 from .zoo.checkpoint import iter_checkpoint_shards
-from .zoo.export import DTYPES, read_manifest, source_check, write_model_dir
+from .zoo.export import DTYPES, parse_size, read_manifest, source_check, write_model_dir
 from .zoo.pretrained import model_config
 
 logger = logging.getLogger("paddlemix.convert")
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "CLIP / EVACLIP.from_pretrained read")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="weight precision stored (default fp16; keep for --to paddlemix)")
+    parser.add_argument("--max-shard-size", type=parse_size, metavar="SIZE",
+                        help="split the weights into safetensors shards of at most SIZE (e.g. 5GB) behind an index")
     parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="key layout of --src (default: detect)")
     parser.add_argument("--mean", type=float, nargs=3, help="override the normalisation mean stored in preprocess_cfg")
     parser.add_argument("--std", type=float, nargs=3, help="override the normalisation std")
@@ -100,6 +102,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.perf_counter()
     try:
         write_model_dir(src, cfg, out, dtype=args.dtype, layout=layout, overwrite=args.overwrite, check=check,
+                        max_shard_size=args.max_shard_size,
                         source={"path": str(src.resolve()), "model": args.model or str(src)})
     except (PaddleMIXError, FileExistsError, RuntimeError) as e:
         logger.error("%s; nothing was written to %s", e, out)
@@ -122,6 +125,8 @@ def _to_paddlemix(src: Path, out: Path, cfg: Dict[str, Any], dtype: str, layout:
     start = time.perf_counter()
     try:
         tensors, _, layout = convert_weights(iter_checkpoint_shards(src), cfg, dtype, layout, str(src))
+        # PaddleMIX's format is one pickle: its writer needs every array in memory anyway.
+        tensors = {name: np.asarray(value) for name, value in tensors.items()}
         write_paddlemix_dir(tensors, cfg, out, overwrite=overwrite)
     except (PaddleMIXError, FileExistsError) as e:
         logger.error("%s; nothing was written to %s", e, out)

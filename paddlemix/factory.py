@@ -125,7 +125,7 @@ def create_model(
         # init: building lazily makes loading a ViT-B-16 ~7x faster.
         with paddle.LazyGuard():
             model = model_class(config)
-        load_checkpoint(model, weights)
+        load_checkpoint(model, weights, dtype=_CAST.get(precision), progress=None)
     # Where the weights came from (None: random initialisation), for tools that must tell.
     model.weights_source = None if weights is None else str(weights)
     if precision in _CAST:

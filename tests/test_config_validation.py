@@ -31,7 +31,7 @@ BAD = [
     (_cfg("vision_cfg", patch_size=7), r"vision_cfg\.image_size = 32 is not a multiple of vision_cfg\.patch_size = 7"),
     (_cfg("vision_cfg", width=-64), r"vision_cfg\.width = -64 is out of range"),
     (_cfg("vision_cfg", patch_dropout=1.0), r"vision_cfg\.patch_dropout = 1\.0 is out of range: it must be a number in \[0, 1\)"),
-    (_cfg("vision_cfg", pool_type="max"), r"vision_cfg\.pool_type = 'max' is out of range: it must be 'tok', 'avg' or 'none'"),
+    (_cfg("vision_cfg", pool_type="max"), r"vision_cfg\.pool_type = 'max' is out of range: it must be 'tok', 'avg', 'avg_all' or 'none'"),
     (_cfg("text_cfg", context_length=-1), r"text_cfg\.context_length = -1 is out of range"),
     (_cfg("text_cfg", pad_id=512), r"text_cfg\.pad_id = 512 is out of range: it must be in \[0, vocab_size = 512\)"),
     (dict(TINY, embed_dim=-8), r"embed_dim = -8 is out of range"),

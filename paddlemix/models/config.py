@@ -74,7 +74,7 @@ _RANGES: Dict[str, Dict[str, Tuple[Any, str]]] = {
         "patch_dropout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
         "drop_path_rate": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
         "pos_embed_type": (lambda v: v in ("learnable", "sin_cos_2d"), "'learnable' or 'sin_cos_2d'"),
-        "pool_type": (lambda v: v in ("tok", "avg", "none"), "'tok', 'avg' or 'none'"),
+        "pool_type": (lambda v: v in ("tok", "avg", "avg_all", "none"), "'tok', 'avg', 'avg_all' or 'none'"),
         "block_type": (lambda v: v in ("attention", "mixer"), "'attention' or 'mixer'"),
     },
     "TextCfg": {

@@ -9,6 +9,10 @@ a local stand-in, and refuses everything else by name. Tensors come out as numpy
 Files are memory-mapped: a tensor stored contiguously is a read-only view of the file and
 is paged in only when copied into a model. Copy with ``np.array(a)`` before writing to it.
 (Paddle ``.pdparams`` pickles hold their bytes inline, so those arrays are copies.)
+:func:`iter_checkpoint_shards` goes further for loaders that stream: a tensor that needs
+decoding (bfloat16, a foreign byte order, a strided view) arrives as a :class:`LazyArray`
+that decodes only when read, and :func:`release` hands a tensor's mapped pages back once it
+has been copied, so resident memory stays near one tensor beyond the model.
 
 Refused, with advice: TorchScript archives (OpenAI's original ``ViT-*.pt``), tar-format
 torch files from before 1.0, tensor types numpy lacks (complex, float8, quantized), and
@@ -41,12 +45,15 @@ from ..errors import PaddleMIXError
 
 __all__ = [
     "CheckpointError",
+    "LazyArray",
+    "release",
     "load_state_dict",
     "iter_checkpoint_shards",
     "unwrap_state_dict",
     "find_checkpoint_file",
     "safetensors_metadata",
     "save_safetensors",
+    "save_safetensors_sharded",
     "to_bfloat16_bits",
 ]
 
@@ -153,6 +160,87 @@ def _with_byte_order(dtype: np.dtype, order: str) -> np.dtype:
 def _bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 is the top half of a float32, so widening is exact: shift the bits up."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class LazyArray:
+    """An array computed from other arrays only when it is read (``np.asarray``).
+
+    Decoding a checkpoint tensor (bfloat16 widening, byte swaps, strided copies) and moving
+    it into the model's layout (transposes, q/k/v fusion) each make a copy; done eagerly for
+    a whole checkpoint that is a second full copy of the model in host memory. Deferred, the
+    copies exist for one tensor at a time, while the loader holds it. ``shape`` is known for
+    decoded file tensors and None for layout conversions; ``dtype`` is the result's.
+    """
+
+    __slots__ = ("_fn", "_sources", "_into", "shape", "dtype")
+
+    def __init__(
+        self, fn: Callable[..., np.ndarray], *sources: Any, shape: Optional[Tuple[int, ...]] = None,
+        dtype: Any = None, into: Optional[Callable[..., Any]] = None,
+    ) -> None:
+        self._fn = fn
+        self._sources = sources
+        self._into = into  # into(out, *arrays) writes fn(*arrays) into out; saves a copy in write()
+        self.shape = shape
+        self.dtype = np.dtype(dtype) if dtype is not None else sources[0].dtype
+
+    @property
+    def ndim(self) -> int:
+        if self.shape is None:
+            raise TypeError("the shape of this LazyArray is known only once it is read (np.asarray)")
+        return len(self.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self._fn(*(np.asarray(source) for source in self._sources))
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def write(self, out: np.ndarray) -> None:
+        """Write the value into ``out`` (its shape, any dtype: values are cast as ``astype`` does)."""
+        arrays = [np.asarray(source) for source in self._sources]
+        if self._into is not None:
+            self._into(out, *arrays)
+        else:
+            np.copyto(out, self._fn(*arrays), casting="unsafe")
+
+    def release(self) -> None:
+        for source in self._sources:
+            release(source)
+
+    def __repr__(self) -> str:
+        return f"LazyArray(shape={self.shape}, dtype={self.dtype})"
+
+
+def _byte_bounds(array: np.ndarray) -> Tuple[int, int]:
+    byte_bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds  # numpy 1.x / 2.x
+    return byte_bounds(array)
+
+
+def release(value: Any) -> None:
+    """Drop the file pages behind a memory-mapped tensor from this process's resident memory.
+
+    Reading a mapped tensor leaves its pages mapped, and counted in the process's RSS, until
+    the whole file is unmapped; a loader that copied a tensor into the model releases it so a
+    checkpoint bigger than memory never becomes resident all at once. The data stays valid:
+    the kernel maps the pages in again (from its page cache) if the tensor is read again.
+    Arrays that are not views of a mapped file are left alone.
+    """
+    if isinstance(value, LazyArray):
+        value.release()
+        return
+    if not isinstance(value, np.ndarray) or value.size == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    base: Any = value
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not (isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)) or base.obj.closed:
+        return
+    mapped = base.obj
+    origin = np.frombuffer(base, dtype=np.uint8, count=0).__array_interface__["data"][0]
+    low, high = _byte_bounds(value)
+    start = (low - origin) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(high - origin, len(mapped))
+    if 0 <= start < end:
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
@@ -267,9 +355,9 @@ def _load_safetensors(path: PathLike) -> Dict[str, np.ndarray]:
         else:
             array = np.frombuffer(mm, dtype=dtype, count=count, offset=data_start + entry.start).reshape(entry.shape)
         if entry.dtype == "BF16":
-            array = _bf16_bits_to_float32(array)
+            array = LazyArray(_bf16_bits_to_float32, array, shape=entry.shape, dtype=np.float32)
         elif entry.dtype == "BOOL":
-            array = array != 0
+            array = LazyArray(np.not_equal, array, np.uint8(0), shape=entry.shape, dtype=np.bool_)
         tensors[entry.name] = array
     return tensors
 
@@ -633,33 +721,46 @@ class _TorchUnpickling:
             data = data.view(raw)
         numel = math.prod(size)
         if numel == 0:
-            array = np.empty(size, dtype=data.dtype)
-        else:
-            last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-            if last >= data.size or numel > data.size:
-                raise _error(
-                    self._path,
-                    f"tensor of size {list(size)} (offset {offset}, stride {list(stride)}) does not fit its "
-                    f"storage {storage.key!r} of {data.size} elements",
-                )
-            contiguous = all(
-                n == 1 or s == math.prod(size[i + 1:]) for i, (n, s) in enumerate(zip(size, stride))
+            return _ArrayHandle(self._path, _decode_torch(np.empty(size, dtype=data.dtype), element))
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= data.size or numel > data.size:
+            raise _error(
+                self._path,
+                f"tensor of size {list(size)} (offset {offset}, stride {list(stride)}) does not fit its "
+                f"storage {storage.key!r} of {data.size} elements",
             )
-            if contiguous:
-                array = data[offset:offset + numel].reshape(size)
-            else:
-                itemsize = data.dtype.itemsize
-                view = np.lib.stride_tricks.as_strided(
-                    data[offset:], shape=size, strides=[s * itemsize for s in stride], writeable=False
-                )
-                array = np.ascontiguousarray(view)
-        if not array.dtype.isnative:
-            array = array.astype(array.dtype.newbyteorder("=").str)
-        if element.kind == "bf16":
-            array = _bf16_bits_to_float32(array)
-        elif element.kind == "bool":
-            array = array != 0
-        return _ArrayHandle(self._path, array)
+        contiguous = all(n == 1 or s == math.prod(size[i + 1:]) for i, (n, s) in enumerate(zip(size, stride)))
+        if contiguous:
+            view = data[offset:offset + numel].reshape(size)
+            if view.dtype.isnative and element.kind == "plain":
+                return _ArrayHandle(self._path, view)  # the file's bytes, untouched until read
+            return _ArrayHandle(
+                self._path, LazyArray(lambda v: _decode_torch(v, element), view, shape=size, dtype=_decoded_dtype(element))
+            )
+
+        def gather(storage_data: np.ndarray) -> np.ndarray:
+            itemsize = storage_data.dtype.itemsize
+            strided = np.lib.stride_tricks.as_strided(
+                storage_data[offset:], shape=size, strides=[s * itemsize for s in stride], writeable=False
+            )
+            return _decode_torch(np.ascontiguousarray(strided), element)
+
+        return _ArrayHandle(self._path, LazyArray(gather, data, shape=size, dtype=_decoded_dtype(element)))
+
+
+def _decoded_dtype(element: _ElementType) -> np.dtype:
+    return {"bf16": np.dtype(np.float32), "bool": np.dtype(np.bool_)}.get(element.kind, element.raw)
+
+
+def _decode_torch(array: np.ndarray, element: _ElementType) -> np.ndarray:
+    """Raw storage elements -> the numpy array they mean (native order, bf16 widened, 0/1 bools)."""
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("=").str)
+    if element.kind == "bf16":
+        return _bf16_bits_to_float32(array)
+    if element.kind == "bool":
+        return array != 0
+    return array
 
 
 class _TorchGlobals(dict):
@@ -1026,7 +1127,9 @@ def _load_object(path: str, fmt: str) -> Any:
 
 
 def _is_tensor(value: Any) -> bool:
-    return isinstance(value, np.ndarray) and value.dtype.kind in _TENSOR_KINDS and value.dtype.fields is None
+    return (
+        isinstance(value, (np.ndarray, LazyArray)) and value.dtype.kind in _TENSOR_KINDS and value.dtype.fields is None
+    )
 
 
 def unwrap_state_dict(obj: Any, source: str = "checkpoint", strip_prefix: bool = True) -> Dict[str, np.ndarray]:
@@ -1104,9 +1207,11 @@ def _iter_index(path: str) -> Iterator[Dict[str, np.ndarray]]:
 def iter_checkpoint_shards(path: PathLike) -> Iterator[Dict[str, np.ndarray]]:
     """Yield a checkpoint's tensors one shard at a time (a single file is one shard).
 
-    A loader that copies each shard into the model and drops it keeps host memory near one
-    shard, which matters for multi-billion-parameter towers. ``path`` may be a weights file,
-    an HF-style ``*.index.json``, or a checkpoint directory.
+    Values are read-only numpy views of the mapped file, or :class:`LazyArray` where the
+    stored bytes need decoding first; nothing is read until a value is. A loader that reads
+    one tensor at a time, copies it into the model and releases it (:func:`release`) keeps host
+    memory near one tensor beyond the model. ``path`` may be a weights file, an HF-style
+    ``*.index.json``, or a checkpoint directory.
     """
     resolved = _resolve(path)
     fmt = _sniff(resolved)
@@ -1128,7 +1233,7 @@ def load_state_dict(path: PathLike) -> Dict[str, np.ndarray]:
         duplicates = merged.keys() & shard.keys()
         if duplicates:
             raise _error(path, f"tensors {sorted(duplicates)[:10]} appear in more than one shard")
-        merged.update(shard)
+        merged.update((name, np.asarray(value)) for name, value in shard.items())
     return merged
 
 
@@ -1137,9 +1242,17 @@ def load_state_dict(path: PathLike) -> Dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------
 
 
+class _Planned(NamedTuple):
+    name: str
+    value: Any  # np.ndarray or LazyArray (read only when written)
+    shape: Tuple[int, ...]
+    dtype: np.dtype  # as stored (little-endian)
+
+
 def _safetensors_payload(
-    path: PathLike, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]], bfloat16: Collection[str]
-) -> Tuple[bytes, List[np.ndarray]]:
+    path: PathLike, tensors: Mapping[str, Any], metadata: Optional[Mapping[str, str]], bfloat16: Collection[str]
+) -> Tuple[bytes, List[_Planned]]:
+    """The header, from names, shapes and dtypes alone, and the tensors in the order it places them."""
     header: Dict[str, Any] = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -1148,33 +1261,49 @@ def _safetensors_payload(
     unknown_bf16 = set(bfloat16) - set(tensors)
     if unknown_bf16:
         raise _error(path, f"bfloat16 names {sorted(unknown_bf16)} are not among the tensors")
-    arrays = []
+    planned = []
     offset = 0
     for name, value in tensors.items():
         if not isinstance(name, str) or not name or name == "__metadata__":
             raise _error(path, f"invalid tensor name {name!r}")
-        array = np.asarray(value)
-        native = array.dtype.newbyteorder("=")
+        if isinstance(value, LazyArray):
+            if value.shape is None:
+                raise _error(path, f"tensor {name!r} is a LazyArray of unknown shape; give its shape to write it")
+        else:
+            value = np.asarray(value)
+        dtype = value.dtype
+        native = dtype.newbyteorder("=")
         if name in bfloat16:
-            if array.dtype != np.uint16:
-                raise _error(path, f"bfloat16 tensor {name!r} must be given as uint16 bits (see to_bfloat16_bits), got {array.dtype}")
+            if dtype != np.uint16:
+                raise _error(path, f"bfloat16 tensor {name!r} must be given as uint16 bits (see to_bfloat16_bits), got {dtype}")
             code = "BF16"
         elif native in _NUMPY_TO_SAFETENSORS:
             code = _NUMPY_TO_SAFETENSORS[native]
         else:
             raise _error(
                 path,
-                f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot store; supported: "
+                f"tensor {name!r} has dtype {dtype}, which safetensors cannot store; supported: "
                 f"{', '.join(str(d) for d in _NUMPY_TO_SAFETENSORS)}",
             )
-        shape = list(array.shape)
-        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1)
-        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + little.nbytes]}
-        offset += little.nbytes
-        arrays.append(little)
+        shape = tuple(int(d) for d in value.shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        planned.append(_Planned(name, value, shape, dtype.newbyteorder("<")))
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # keep the data region 8-byte aligned for mmap readers
-    return blob, arrays
+    return blob, planned
+
+
+def _write_planned(path: PathLike, f: Any, tensor: _Planned) -> None:
+    """Read one tensor, check it is what the header promised, write it, let its pages go."""
+    array = np.asarray(tensor.value)
+    if tuple(array.shape) != tensor.shape or array.dtype.newbyteorder("<") != tensor.dtype:
+        raise _error(path, f"tensor {tensor.name!r} came out as {array.dtype} {list(array.shape)}, "
+                           f"expected {tensor.dtype} {list(tensor.shape)}")
+    f.write(np.ascontiguousarray(array, dtype=tensor.dtype).reshape(-1).view(np.uint8).data)
+    del array
+    release(tensor.value)
 
 
 def save_safetensors(
@@ -1184,7 +1313,11 @@ def save_safetensors(
     *,
     bfloat16: Collection[str] = (),
 ) -> None:
-    """Write ``tensors`` as a safetensors file, atomically.
+    """Write ``tensors`` as a safetensors file, atomically, one tensor at a time.
+
+    Values may be arrays or :class:`LazyArray` of known shape and dtype: the header is
+    written from those, and each value is read only when its bytes are written, so a
+    converted multi-GB checkpoint never exists in memory as a whole.
 
     The file is written to a temporary name in the same directory, synced and renamed over
     ``path``, so a crash or full disk never leaves a half-written checkpoint under the real
@@ -1192,7 +1325,7 @@ def save_safetensors(
     :func:`to_bfloat16_bits`) and list their names in ``bfloat16``.
     """
     path = os.fspath(path)
-    blob, arrays = _safetensors_payload(path, tensors, metadata, frozenset(bfloat16))
+    blob, planned = _safetensors_payload(path, tensors, metadata, frozenset(bfloat16))
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, temp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -1202,8 +1335,8 @@ def save_safetensors(
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
-            for array in arrays:
-                f.write(array.view(np.uint8).data)
+            for tensor in planned:
+                _write_planned(path, f, tensor)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(temp_path, 0o644)
@@ -1223,6 +1356,55 @@ def save_safetensors(
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+
+def save_safetensors_sharded(
+    tensors: Mapping[str, Any],
+    directory: PathLike,
+    max_shard_bytes: int,
+    metadata: Optional[Mapping[str, str]] = None,
+    *,
+    bfloat16: Collection[str] = (),
+    prefix: str = "model",
+) -> List[str]:
+    """Write ``tensors`` as safetensors shards of at most ``max_shard_bytes`` each (a tensor
+    bigger than that gets a shard of its own) plus an HF-style ``<prefix>.safetensors.index.json``.
+
+    When everything fits in one shard the result is a plain ``<prefix>.safetensors`` and no
+    index. Values are read one at a time, as in :func:`save_safetensors`. Returns the file
+    names written, index last.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    directory = os.fspath(directory)
+    bf16 = frozenset(bfloat16)
+    groups: List[List[str]] = [[]]
+    size = total = 0
+    for name, value in tensors.items():
+        nbytes = math.prod(value.shape) * value.dtype.itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+        total += nbytes
+    if len(groups) == 1:
+        save_safetensors(tensors, os.path.join(directory, f"{prefix}.safetensors"), metadata, bfloat16=bf16)
+        return [f"{prefix}.safetensors"]
+    files, weight_map = [], {}
+    for i, names in enumerate(groups):
+        file = f"{prefix}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_safetensors({n: tensors[n] for n in names}, os.path.join(directory, file), metadata,
+                         bfloat16=[n for n in names if n in bf16])
+        weight_map.update((n, file) for n in names)
+        files.append(file)
+    index = f"{prefix}.safetensors.index.json"
+    with tempfile.NamedTemporaryFile("w", dir=directory, prefix=f".{index}.", suffix=".tmp", delete=False,
+                                     encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total, **dict(metadata or {})}, "weight_map": weight_map}, f, indent=1)
+    os.chmod(f.name, 0o644)
+    os.replace(f.name, os.path.join(directory, index))
+    return files + [index]
 
 
 # --------------------------------------------------------------------------------------

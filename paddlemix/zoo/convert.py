@@ -5,17 +5,23 @@ a built model. Paddle's ``Linear`` stores ``[in, out]`` where torch stores
 ``[out, in]``, so every torch linear weight is transposed; every rule below says
 whether it transposes, instead of guessing from shapes (square matrices would be
 ambiguous). Split q/k/v projections are fused into the single ``qkv`` matmul.
+
+Conversion is planned from names and shapes alone: every output that needs computing is a
+:class:`~paddlemix.zoo.checkpoint.LazyArray`, so ``convert_state_dict(..., lazy=True)`` over
+a memory-mapped checkpoint reads nothing, and a streaming loader pays for one converted
+tensor at a time.
 """
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import PaddleMIXError
+from .checkpoint import LazyArray
 
-__all__ = ["detect_layout", "convert_state_dict", "resize_pos_embed", "hf_config_to_model_cfg", "ConversionError"]
+__all__ = ["detect_layout", "convert_state_dict", "convert_shards", "resize_pos_embed", "hf_config_to_model_cfg", "ConversionError"]
 
 StateDict = Dict[str, np.ndarray]
 
@@ -44,8 +50,47 @@ def detect_layout(sd: StateDict) -> str:
     )
 
 
+_TRANSPOSE_TILE = 256
+
+
+def _transpose_into(out: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``out[...] = x.T`` tile by tile: a plain strided copy of a big matrix misses the cache on
+    nearly every element and costs several times the tiled one. ``out`` may have another
+    dtype; values are cast as they are written."""
+    rows, cols = x.shape
+    for i in range(0, rows, _TRANSPOSE_TILE):
+        for j in range(0, cols, _TRANSPOSE_TILE):
+            out[j:j + _TRANSPOSE_TILE, i:i + _TRANSPOSE_TILE] = x[i:i + _TRANSPOSE_TILE, j:j + _TRANSPOSE_TILE].T
+    return out
+
+
 def _t(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.T)
+    if x.ndim != 2:
+        return np.ascontiguousarray(x.T)
+    return _transpose_into(np.empty(x.shape[::-1], dtype=x.dtype), x)
+
+
+def _concat0(*parts: np.ndarray) -> np.ndarray:
+    return np.concatenate(parts, axis=0)
+
+
+def _concat_t(*parts: np.ndarray) -> np.ndarray:
+    return _t(np.concatenate(parts, axis=0))
+
+
+def _concat_last(*parts: np.ndarray) -> np.ndarray:
+    return np.concatenate(parts, axis=parts[0].ndim - 1)
+
+
+def _pieces(start: int, stop: int, count: int, fn: Optional[Callable] = None) -> Callable:
+    """Cut an array into ``count`` equal parts along its first axis and keep parts ``start:stop``."""
+
+    def cut(x: np.ndarray) -> np.ndarray:
+        step = x.shape[0] // count
+        piece = x[start * step:stop * step]
+        return fn(piece) if fn is not None else piece
+
+    return cut
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +161,11 @@ class _Mapper:
         if src not in self.src:
             return False
         value = self.src.pop(src)
-        self.out[dst] = fn(value) if fn is not None else value
+        shape = getattr(value, "shape", None)
+        if fn is _t and shape is not None and len(shape) == 2:  # a loader can transpose straight into a parameter
+            self.out[dst] = LazyArray(_t, value, shape=tuple(shape[::-1]), into=_transpose_into)
+        else:
+            self.out[dst] = LazyArray(fn, value) if fn is not None else value
         return True
 
     def block(self, src_prefix: str, dst_prefix: str, rules: List[Tuple[str, str, bool]]) -> None:
@@ -126,14 +175,18 @@ class _Mapper:
     def fuse_qkv(self, names: List[str], dst: str, transpose: bool) -> None:
         if all(n in self.src for n in names):
             parts = [self.src.pop(n) for n in names]
-            fused = np.concatenate(parts, axis=0)
-            self.out[dst] = _t(fused) if transpose else fused
+            self.out[dst] = LazyArray(_concat_t if transpose else _concat0, *parts)
 
     def fuse_qkv_axis1(self, names: List[str], dst: str) -> None:
         """Concatenate Paddle-oriented ([in, out]) parts along the output axis (1-D: biases)."""
         if all(n in self.src for n in names):
-            parts = [self.src.pop(n) for n in names]
-            self.out[dst] = np.concatenate(parts, axis=parts[0].ndim - 1)
+            self.out[dst] = LazyArray(_concat_last, *[self.src.pop(n) for n in names])
+
+    def derive(self, src: str, outputs: Dict[str, Callable[[np.ndarray], np.ndarray]]) -> None:
+        """Several targets computed from one source tensor (a packed matrix cut into parts)."""
+        value = self.src.pop(src)
+        for dst, fn in outputs.items():
+            self.out[dst] = LazyArray(fn, value)
 
     def drop(self, pattern: str) -> None:
         for k in [k for k in self.src if re.fullmatch(pattern, k)]:
@@ -218,14 +271,15 @@ def _convert_open_clip(sd: StateDict) -> StateDict:
     m.move(p + "attn.out_proj.bias", "visual.attn_pool.out_proj.bias")
     m.move(p + "attn.q_proj_weight", "visual.attn_pool.q_proj.weight", _t)
     m.fuse_qkv([p + "attn.k_proj_weight", p + "attn.v_proj_weight"], "visual.attn_pool.kv_proj.weight", True)
-    if p + "attn.in_proj_bias" in m.src:
-        q_b, k_b, v_b = np.split(m.src.pop(p + "attn.in_proj_bias"), 3)
-        m.out["visual.attn_pool.q_proj.bias"] = q_b
-        m.out["visual.attn_pool.kv_proj.bias"] = np.concatenate([k_b, v_b])
+    if p + "attn.in_proj_bias" in m.src:  # packed [q; k; v]
+        m.derive(p + "attn.in_proj_bias", {
+            "visual.attn_pool.q_proj.bias": _pieces(0, 1, 3), "visual.attn_pool.kv_proj.bias": _pieces(1, 3, 3),
+        })
     if p + "attn.in_proj_weight" in m.src:  # kdim == d_model: one packed matrix
-        q_w, k_w, v_w = np.split(m.src.pop(p + "attn.in_proj_weight"), 3)
-        m.out["visual.attn_pool.q_proj.weight"] = _t(q_w)
-        m.out["visual.attn_pool.kv_proj.weight"] = _t(np.concatenate([k_w, v_w]))
+        m.derive(p + "attn.in_proj_weight", {
+            "visual.attn_pool.q_proj.weight": _pieces(0, 1, 3, fn=_t),
+            "visual.attn_pool.kv_proj.weight": _pieces(1, 3, 3, fn=_t),
+        })
     _clip_text(m, _text_prefix(m))
     m.move("logit_scale", "logit_scale")
     m.move("logit_bias", "logit_bias")
@@ -319,6 +373,12 @@ def _bf16_bits_as_float32(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _insert_k(qv: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """[in, q | v] and [in, k] -> [in, q | k | v]."""
+    q, v = np.split(qv, 2, axis=1)
+    return np.concatenate([q, k, v], axis=1)
+
+
 def _legacy_attn(m: _Mapper, src: str, dst: str) -> None:
     """Fuse split q/k/v projections ([in, out] each) into one [in, 3 * out] matrix."""
     m.fuse_qkv_axis1([src + f"attn.{n}_proj.weight" for n in "qkv"], dst + "attn.qkv.weight")
@@ -326,7 +386,8 @@ def _legacy_attn(m: _Mapper, src: str, dst: str) -> None:
 
 
 def _convert_paddlemix_legacy(sd: StateDict) -> StateDict:
-    m = _Mapper({k: _bf16_bits_as_float32(v) for k, v in sd.items()})
+    m = _Mapper({k: LazyArray(_bf16_bits_as_float32, v, shape=v.shape, dtype=np.float32) if v.dtype == np.uint16
+                 else v for k, v in sd.items()})
     # CLIP vision tower (PaddleMIX VisionTransformer).
     _clip_vision_stem(m)
     for i in _block_indices(m.src, "visual.transformer.resblocks."):
@@ -347,10 +408,11 @@ def _convert_paddlemix_legacy(sd: StateDict) -> StateDict:
     for i in _block_indices(m.src, "visual.blocks."):
         s, d = f"visual.blocks.{i}.", f"visual.transformer.blocks.{i}."
         if s + "attn.qv_proj.weight" in m.src:  # fuse_qv: q and v share one matrix, k is separate
-            q_w, v_w = np.split(m.src.pop(s + "attn.qv_proj.weight"), 2, axis=1)
-            m.out[d + "attn.qkv.weight"] = np.concatenate([q_w, m.src.pop(s + "attn.k_proj.weight"), v_w], axis=1)
+            m.out[d + "attn.qkv.weight"] = LazyArray(
+                _insert_k, m.src.pop(s + "attn.qv_proj.weight"), m.src.pop(s + "attn.k_proj.weight")
+            )
             if s + "attn.qv_proj.bias" in m.src:
-                m.out[d + "attn.q_bias"], m.out[d + "attn.v_bias"] = np.split(m.src.pop(s + "attn.qv_proj.bias"), 2)
+                m.derive(s + "attn.qv_proj.bias", {d + "attn.q_bias": _pieces(0, 1, 2), d + "attn.v_bias": _pieces(1, 2, 2)})
         m.block(s, d, _LEGACY_EVA_BLOCK)
         m.fuse_qkv_axis1([s + f"attn.{n}_proj.weight" for n in "qkv"], d + "attn.qkv.weight")
         m.fuse_qkv_axis1([s + "mlp.w1.weight", s + "mlp.w2.weight"], d + "mlp.fc1.weight")
@@ -371,12 +433,46 @@ _CONVERTERS = {
 }
 
 
-def convert_state_dict(sd: StateDict, layout: Optional[str] = None) -> StateDict:
-    """Map a reference state dict onto paddlemix names and Paddle weight orientation."""
+def convert_state_dict(sd: StateDict, layout: Optional[str] = None, *, lazy: bool = False) -> StateDict:
+    """Map a reference state dict onto paddlemix names and Paddle weight orientation.
+
+    ``lazy=True`` returns the plan: values that need computing are
+    :class:`~paddlemix.zoo.checkpoint.LazyArray` (read with ``np.asarray``), so a caller
+    that streams tensors into a model holds one converted tensor at a time.
+    """
     layout = layout or detect_layout(sd)
     if layout not in _CONVERTERS:
         raise ConversionError(f"unknown checkpoint layout {layout!r}; expected one of {sorted(_CONVERTERS)}")
-    return _CONVERTERS[layout](sd)
+    converted = _CONVERTERS[layout](sd)
+    if lazy:
+        return converted
+    return {name: np.asarray(value) for name, value in converted.items()}
+
+
+def convert_shards(shards: Iterable[StateDict], layout: Optional[str] = None) -> Iterator[Tuple[str, StateDict]]:
+    """``(layout, lazily converted tensors)`` shard by shard.
+
+    The layout is detected from the first shard that shows it; a shard whose names alone do
+    not (a small shard holding only a stem tensor) waits to be converted with the next one,
+    which costs nothing: its values are unread views of the file.
+    """
+    pending: StateDict = {}
+    for shard in shards:
+        if not shard:
+            continue
+        twice = pending.keys() & shard.keys()
+        if twice:
+            raise ConversionError(f"tensors {sorted(twice)[:10]} appear in more than one shard")
+        pending.update(shard)
+        if layout is None:
+            try:
+                layout = detect_layout(pending)
+            except ConversionError:
+                continue
+        yield layout, convert_state_dict(pending, layout, lazy=True)
+        pending = {}
+    if pending:
+        detect_layout(pending)  # raises: no shard told the layout
 
 
 def resize_pos_embed(pos: np.ndarray, new_grid: Tuple[int, int], num_prefix_tokens: int = 1) -> np.ndarray:

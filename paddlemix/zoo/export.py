@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,8 +24,8 @@ import paddle
 
 from ..models.clip_model import CLIP
 from ..models.config import CLIPConfig
-from .checkpoint import iter_checkpoint_shards, save_safetensors, to_bfloat16_bits
-from .convert import ConversionError, convert_state_dict, detect_layout
+from .checkpoint import LazyArray, iter_checkpoint_shards, save_safetensors, save_safetensors_sharded, to_bfloat16_bits
+from .convert import ConversionError, convert_shards
 from .download import file_sha256
 from .loading import WeightLoadError, _mismatch_summary
 
@@ -36,6 +38,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "features",
     "manifest_problem",
+    "parse_size",
     "read_manifest",
     "write_model_dir",
 ]
@@ -56,14 +59,30 @@ def _expected_shapes(model_cfg: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
     return {name: tuple(int(d) for d in t.shape) for name, t in model.state_dict().items()}
 
 
-def _cast(name: str, value: np.ndarray, dtype: str, bf16_names: List[str]) -> np.ndarray:
-    """``keep`` stores what the checkpoint holds (bfloat16 arrives widened to float32, exactly)."""
-    if value.dtype.kind != "f" or dtype == "keep":
-        return value
-    if dtype == "bf16":
-        bf16_names.append(name)
-        return to_bfloat16_bits(value.astype(np.float32, copy=False))
-    return value.astype(_NUMPY_DTYPES[dtype], copy=False)
+def _stored_dtype(value_dtype: np.dtype, dtype: str) -> np.dtype:
+    """``keep`` stores what the checkpoint holds (bfloat16 arrives widened to float32, exactly);
+    bf16 is stored as its uint16 bits."""
+    if value_dtype.kind != "f" or dtype == "keep":
+        return value_dtype
+    return np.dtype(np.uint16) if dtype == "bf16" else np.dtype(_NUMPY_DTYPES[dtype])
+
+
+def _finisher(name: str, shape: Tuple[int, ...], dtype: str, source: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Checks a converted tensor's shape (known only once it is computed) and casts it for storage."""
+
+    def finish(value: np.ndarray) -> np.ndarray:
+        if value.shape != shape:
+            if value.size != 1 or math.prod(shape) != 1:  # logit_scale: [] vs [1]
+                raise WeightLoadError(f"{source} does not match the model config (shape mismatch {name}: checkpoint "
+                                      f"{list(value.shape)}, model {list(shape)})")
+            value = value.reshape(shape)
+        if value.dtype.kind != "f" or dtype == "keep":
+            return value
+        if dtype == "bf16":
+            return to_bfloat16_bits(value.astype(np.float32, copy=False))
+        return value.astype(_NUMPY_DTYPES[dtype], copy=False)
+
+    return finish
 
 
 def convert_weights(
@@ -72,40 +91,45 @@ def convert_weights(
     dtype: str,
     layout: Optional[str] = None,
     source: str = "checkpoint",
-) -> Tuple[Dict[str, np.ndarray], List[str], str]:
-    """Convert every shard to paddlemix names and ``dtype``; check them against the architecture.
+) -> Tuple[Dict[str, LazyArray], List[str], str]:
+    """Plan the conversion of every shard to paddlemix names and ``dtype``; check it against the architecture.
 
-    Returns (tensors, names stored as bfloat16 bits, layout). Mismatches are a
-    :class:`WeightLoadError` naming the keys, as in :func:`paddlemix.zoo.loading.load_checkpoint`.
+    Returns (tensors, names stored as bfloat16 bits, layout). The tensors are
+    :class:`~paddlemix.zoo.checkpoint.LazyArray` of the stored shape and dtype: nothing is
+    read until they are written, one at a time, so converting a multi-GB checkpoint holds one
+    tensor, not a second copy of the model. Missing and unexpected names, and shapes known
+    from the file, are a :class:`WeightLoadError` naming the keys, as in
+    :func:`paddlemix.zoo.loading.load_checkpoint`; a shape that only conversion reveals is
+    checked when the tensor is computed.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     expected = _expected_shapes(model_cfg)
-    out: Dict[str, np.ndarray] = {}
+    out: Dict[str, LazyArray] = {}
     bf16_names: List[str] = []
     unexpected, wrong_shape = [], []
-    for shard in shards:
-        if not shard:
-            continue
-        layout = layout or detect_layout(shard)
-        try:
-            converted = convert_state_dict(shard, layout)
-        except ConversionError as e:
-            raise WeightLoadError(f"{source}: {e}") from e
+    try:
+        converted_shards = list(convert_shards(shards, layout))
+    except ConversionError as e:
+        raise WeightLoadError(f"{source}: {e}") from e
+    for layout, converted in converted_shards:  # plans only: nothing is read yet
         for name, value in converted.items():
             if name not in expected:
                 unexpected.append(name)
                 continue
             if name in out:
                 raise WeightLoadError(f"{source}: weight {name} is given twice")
-            value = np.asarray(value)
-            if value.shape != expected[name]:
-                if value.size == 1 and int(np.prod(expected[name])) == 1:  # logit_scale: [] vs [1]
-                    value = value.reshape(expected[name])
-                else:
-                    wrong_shape.append(f"{name}: checkpoint {list(value.shape)}, model {list(expected[name])}")
-                    continue
-            out[name] = _cast(name, value, dtype, bf16_names)
+            shape = getattr(value, "shape", None)
+            if shape is not None and tuple(shape) != expected[name] and not (
+                math.prod(shape) == 1 and math.prod(expected[name]) == 1
+            ):
+                wrong_shape.append(f"{name}: checkpoint {list(shape)}, model {list(expected[name])}")
+                continue
+            stored = _stored_dtype(value.dtype, dtype)
+            if dtype == "bf16" and value.dtype.kind == "f":
+                bf16_names.append(name)
+            out[name] = LazyArray(_finisher(name, expected[name], dtype, source), value, shape=expected[name],
+                                  dtype=stored)
     missing = sorted(set(expected) - set(out))
     if missing or unexpected or wrong_shape:
         problems = _mismatch_summary(
@@ -118,6 +142,19 @@ def convert_weights(
     if layout is None:
         raise WeightLoadError(f"{source} holds no tensors")
     return out, bf16_names, layout
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``"5GB"``, ``"500MiB"`` or ``"1000000"``."""
+    match = _SIZE.fullmatch(str(text))
+    if match is None:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
 
 
 def _file_record(path: Path) -> Dict[str, Any]:
@@ -167,12 +204,16 @@ def write_model_dir(
     source: Optional[Mapping[str, Any]] = None,
     overwrite: bool = False,
     check: Optional[Callable[[Path], Mapping[str, Any]]] = None,
+    max_shard_size: Optional[int] = None,
 ) -> Path:
     """Convert the weights at ``src`` into a complete paddlemix model directory at ``out_dir``.
 
     ``model_cfg`` is an open_clip-schema config; its ``preprocess_cfg`` (mean/std,
     interpolation, resize mode) is stored in ``config.json`` so the directory alone
-    reproduces the model's transforms. ``source`` is recorded in the manifest. ``check`` is
+    reproduces the model's transforms. ``max_shard_size`` (bytes) splits the weights into
+    ``model-0000i-of-0000N.safetensors`` shards behind ``model.safetensors.index.json``;
+    None writes one ``model.safetensors``. Tensors are converted and written one at a time.
+    ``source`` is recorded in the manifest. ``check`` is
     called on the finished directory before it is moved into place; if it raises, nothing is
     left behind, and what it returns is recorded in the manifest as ``verification``.
     """
@@ -188,8 +229,12 @@ def write_model_dir(
     try:
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from its other users
         CLIPConfig.from_model_cfg(model_cfg).save_pretrained(str(tmp))
-        save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "np", "dtype": dtype},
-                         bfloat16=bf16_names)
+        metadata = {"format": "np", "dtype": dtype}
+        if max_shard_size is None:
+            save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata=metadata, bfloat16=bf16_names)
+            weight_files = [WEIGHTS_NAME]
+        else:
+            weight_files = save_safetensors_sharded(tensors, tmp, max_shard_size, metadata, bfloat16=bf16_names)
         del tensors
         verification = dict(check(tmp)) if check is not None else None
         manifest = {
@@ -198,7 +243,7 @@ def write_model_dir(
             "dtype": dtype,
             "layout": layout,
             "source": dict(source or {"path": str(src)}),
-            "files": {name: _file_record(tmp / name) for name in (CONFIG_NAME, WEIGHTS_NAME)},
+            "files": {name: _file_record(tmp / name) for name in (CONFIG_NAME, *weight_files)},
         }
         if verification is not None:
             manifest["verification"] = verification

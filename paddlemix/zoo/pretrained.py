@@ -632,7 +632,7 @@ def load_tower(tower: paddle.nn.Layer, path: Union[str, Path], layout: Optional[
             if not whole:
                 shard = {f"{prefix}.{k}": v for k, v in shard.items()}
             try:
-                converted = convert_state_dict(shard, layout or detect_layout(shard))
+                converted = convert_state_dict(shard, layout or detect_layout(shard), lazy=True)
             except ConversionError as e:
                 raise WeightLoadError(f"{path}: {e}") from e
             yield {k: v for k, v in converted.items() if k.startswith(prefix + ".")}

@@ -6,8 +6,8 @@ libraries read them from the environment once. When each is read decides when it
 
 * ``MKL_DEBUG_CPU_TYPE=5``. The MKL that Paddle bundles picks its kernels by CPU vendor
   and gives AMD CPUs a generic SSE path; 5 selects the AVX2 kernels, which every AVX2 CPU
-  runs. Measured on a 2-core AMD EPYC (AVX2 + FMA): an fp32 800x768 @ 768x3072 matmul
-  goes from 36 to 123 GFLOP/s. Set only on AMD CPUs with AVX2: on Intel CPUs MKL already
+  runs, several times faster on fp32 GEMMs (numbers in the README's Performance section).
+  Set only on AMD CPUs with AVX2: on Intel CPUs MKL already
   picks the best path, and forcing AVX2 there would turn off AVX-512. MKL reads it at its
   first computation, not when Paddle loads, so ``import paddlemix`` after ``import paddle``
   still sets it in time (not after the program has already run a Paddle matmul).
@@ -20,20 +20,20 @@ libraries read them from the environment once. When each is read decides when it
 * ``GOMP_SPINCOUNT=0``. Paddle's math runs on Intel's OpenMP (libiomp5), while the custom
   operators of paddlemix.kernels run on GNU's libgomp, so a process holds two thread pools
   for the same cores. libgomp's threads spin after each parallel region, taking the cores
-  from the next MKL call: EVA02-CLIP-B-16's text tower ran 35% slower with the fused op than
-  without it, and at the same speed once libgomp threads sleep when idle. libgomp reads it
+  from the next MKL call, which made towers using the fused op slower than without it until
+  libgomp's threads were told to sleep when idle. libgomp reads it
   when Paddle loads, so only ``import paddlemix`` *before* ``import paddle`` sets it.
 * Freed-memory reuse (a call, not a variable; any time): glibc returns every freed block
   above 128 KiB to the kernel, and Paddle's CPU allocator frees each activation after use, so
-  every new activation page-faults on first write (a 7 MB copy took 12.7 ms instead of
-  0.3-1.6 ms here, and a ViT-B-32 forward spent ~20% of its time in faults). ``mallopt``
+  every new activation page-faults on first write, and a forward pass spends a large share of
+  its time in those faults. ``mallopt``
   raises the mmap and trim thresholds so freed memory is reused; the cost is that the process
-  keeps its peak heap instead of shrinking (+40 MB of 1.2 GB measured on ViT-B-32). Skipped
+  keeps its peak heap instead of shrinking (a few percent of its memory). Skipped
   when ``MALLOC_MMAP_THRESHOLD_`` is set.
 
 None of these changes what is computed, only how fast: the AVX2 kernels use FMA, so float32
-results differ from the generic path by rounding only (max abs 5e-6 on ViT-B-32
-features of magnitude 4 here; thread count changed at most 2.4e-6).
+results differ from the generic path by float32 rounding only, as do results under another
+thread count (tests compare both against the same references).
 
 A variable the user set (in the shell, or in ``os.environ`` before ``import paddle``) is never
 overridden. :func:`configure_process` is what ``paddlemix/__init__`` runs; scripts may also run

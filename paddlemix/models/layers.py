@@ -63,9 +63,8 @@ class _AddmmLinear(PyLayer):
     """``x @ w + b`` for 2-D ``x`` with a backward of three BLAS calls.
 
     Paddle's own ``addmm`` backward reduces the bias gradient with a column ``sum`` that runs
-    at a fraction of memory speed on CPUs (11.9 ms for a [800, 3072] gradient here, against
-    0.3 ms for the same sum as ``ones @ dy``); over a ViT-B-32 training step that is ~6% of
-    the time. Same numbers: the gradients are bit-identical to ``addmm``'s on this machine.
+    at a fraction of memory speed on CPUs, while the same sum as ``ones @ dy`` is one BLAS call.
+    Same numbers: the gradients are bit-identical to ``addmm``'s (tested).
     """
 
     @staticmethod
@@ -88,8 +87,7 @@ class Linear(nn.Linear):
     """``nn.Linear`` whose CPU forward adds the bias inside the GEMM (``addmm``).
 
     Paddle's CPU ``linear`` is a matmul followed by a separate broadcast add, which writes
-    and re-reads the whole output; ``addmm`` hands the bias to the BLAS call instead (about
-    a tenth of a ViT-B forward on 2 cores), and :class:`_AddmmLinear` gives it a faster
+    and re-reads the whole output; ``addmm`` hands the bias to the BLAS call instead, and :class:`_AddmmLinear` gives it a faster
     backward. Same parameters and state-dict keys as ``nn.Linear``.
     """
 
@@ -104,7 +102,7 @@ def addmm_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -
 
     Also used when a static graph is built on a CPU (an export): Paddle Inference then runs
     the same ``addmm`` kernel as dynamic mode, which measured faster here than what its own
-    passes make of ``matmul`` + ``add`` (ViT-B-32 image tower: 14.6 img/s before this).
+    passes make of ``matmul`` + ``add`` (README, Performance).
     """
     shape = x.shape
     x2 = x.reshape([-1, shape[-1]])
@@ -122,10 +120,8 @@ def _cpu_kernels():
     """The module running paddlemix's CPU kernels when their library is loaded, else None.
 
     Paddle's CPU kernels for three element-wise steps of a ViT block run far below memory
-    speed (2-core AMD EPYC, float32): ``layer_norm`` backward takes 9.5 ms on a [800, 768]
-    ViT-B-32 activation against 0.73 ms for the fused_ln operator; ``gelu`` forward + backward
-    on [800, 3072] 12.7 ms against 7 ms; ``softmax`` forward + backward of ViT-B-32's attention
-    [16, 12, 50, 50] 2.2 ms against 0.95 ms. The operators compute the same math (to float32
+    speed in float32: ``layer_norm`` backward, ``gelu`` forward + backward and the attention
+    ``softmax`` (measurements in ``benchmarks/`` and the README). The operators compute the same math (to float32
     rounding; the GELU tail is more accurate than Paddle's), so the layers below use them for
     float32 CPU tensors in dynamic mode. :mod:`paddlemix.kernels` decides: it only loads a
     library built ahead of time and never compiles, so without one Paddle's kernels stay
@@ -146,7 +142,7 @@ class LayerNorm(nn.LayerNorm):
     Low-precision statistics are the usual source of fp16/bf16 divergence, so the
     reduction always runs in fp32 whatever the activation dtype. In training mode on a CPU,
     float32 goes through the fused_ln operator (see :func:`_cpu_kernels`), whose backward is
-    the fast part; its forward alone is ~20% slower than Paddle's, so evaluation keeps Paddle's
+    the fast part; its forward alone is slower than Paddle's, so evaluation keeps Paddle's
     kernel, and training mode (not "grad enabled") decides so that recompute's no-grad first
     pass matches its replay.
     """
@@ -419,8 +415,8 @@ class Attention(nn.Layer):
         The math of ``scaled_dot_product_attention``'s CPU (math) backend, with the same
         results, but with every layout change done by ``einsum``, which writes a contiguous
         copy: the strided views the SDPA path makes (unbind, transpose) are each copied again
-        by Paddle's generic strided-copy kernel inside the next op, which on 2 cores is ~8x
-        slower than the transpose kernel einsum uses and took most of the attention time.
+        by Paddle's generic strided-copy kernel inside the next op, which is much slower than the
+        transpose kernel einsum uses and dominated the attention time.
         """
         if rope is None or (rope_index is None and _rope_fits(rope, qkv.shape[1] - num_prefix_tokens)):
             qkv = paddle.einsum("blthd->tbhld", qkv)  # [3, B, H, L, D]
@@ -469,7 +465,7 @@ def _rotate_all_tokens(rope, q: paddle.Tensor, k: paddle.Tensor, num_prefix_toke
     rotation (x0, x1, ...) -> (-x1, x0, ...) is a matmul with a signed permutation matrix (each
     output one product with +-1 plus exact zeros), so the result equals ``rope.rotate`` bit for
     bit while every op runs on contiguous memory: the strided patch slices and the stack in
-    ``rope.rotate`` cost ~20% of an EVA02-B/16 forward on the CPU.
+    ``rope.rotate`` were a large share of an EVA02 forward on the CPU.
     """
     dim = q.shape[-1]
     rotation = paddle.to_tensor(_pair_rotation(dim))

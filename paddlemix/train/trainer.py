@@ -21,6 +21,7 @@ import paddle.distributed as dist
 from paddlenlp.trainer import Trainer, TrainerCallback, TrainingArguments
 
 from .checkpointing import staged_checkpoint
+from .loader import TrainDataLoader
 from .loss import ClipLoss, SigLipLoss
 from .optim import build_optimizer, cosine_with_warmup
 
@@ -98,11 +99,15 @@ class PreTrainingArguments(TrainingArguments):
             logger.warning("--local_loss without --gather_with_grad gives gradients of only the local rows")
 
 
-def collate_batch(samples: List[Dict[str, np.ndarray]]) -> Dict[str, paddle.Tensor]:
-    """Stack the per-sample arrays; skipped samples never reach here (the datasets drop them)."""
+def collate_batch(samples: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Stack the per-sample arrays; skipped samples never reach here (the datasets drop them).
+
+    Arrays, not tensors: this runs in loader workers, and the loader makes the tensors in the
+    training process (see :mod:`paddlemix.train.loader` for why a worker must not).
+    """
     return {
-        "image": paddle.to_tensor(np.stack([s["image"] for s in samples])),
-        "input_ids": paddle.to_tensor(np.stack([s["input_ids"] for s in samples]).astype("int64")),
+        "image": np.stack([s["image"] for s in samples]),
+        "input_ids": np.stack([s["input_ids"] for s in samples]).astype("int64"),
     }
 
 
@@ -187,16 +192,15 @@ class CLIPTrainer(Trainer):
             self.add_callback(_SetEpoch(self.train_dataset))
 
     def get_train_dataloader(self):
-        """Streaming sources split themselves over ranks and workers; don't shard them again."""
-        if not isinstance(self.train_dataset, paddle.io.IterableDataset):
-            return super().get_train_dataloader()
-        return paddle.io.DataLoader(
-            self.train_dataset,
-            batch_size=self.args.per_device_train_batch_size,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            drop_last=True,
-        )
+        """A loader whose data errors end the run (see :mod:`paddlemix.train.loader`).
+
+        Streaming sources split themselves over ranks and workers, so they are not sharded again.
+        """
+        dataset = self.train_dataset
+        common = dict(collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
+        if isinstance(dataset, paddle.io.IterableDataset):
+            return TrainDataLoader(dataset, batch_size=self.args.per_device_train_batch_size, drop_last=True, **common)
+        return TrainDataLoader(dataset, batch_sampler=self._get_train_sampler(), **common)
 
     @property
     def clip_model(self):

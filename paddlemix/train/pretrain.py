@@ -2,43 +2,81 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from paddlenlp.trainer import PdArgumentParser, set_seed
 
 from ..data.sources import build_train_dataset
 from ..data.transforms import image_transform
 from ..factory import create_model, get_model_preprocess_cfg, get_tokenizer
+from .settings import TrainingSettingError, check_output_dir
 from .trainer import CLIPTrainer, DataArguments, ModelArguments, PreTrainingArguments, collate_batch, data_world
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["parse_args", "run", "zero_shot_eval_fn"]
+__all__ = ["main", "parse_args", "run", "zero_shot_eval_fn"]
+
+
+def _recipe_flags(recipe: str, known: Sequence[str]) -> List[str]:
+    """The keys of a JSON recipe as command-line flags, so that flags given after them win."""
+    try:
+        with open(recipe, encoding="utf-8") as f:
+            values = json.load(f)
+    except OSError as e:
+        raise TrainingSettingError(f"training recipe {recipe} cannot be read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise TrainingSettingError(f"training recipe {recipe} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise TrainingSettingError(f"training recipe {recipe} must hold a JSON object of flag names and values")
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hint = ", ".join(f"{k!r} (did you mean {v[0]!r}?)" if v else repr(k) for k, v in hints.items())
+        raise TrainingSettingError(f"training recipe {recipe} has unknown keys: {hint}")
+    flags: List[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue  # the flag's default
+        items = value if isinstance(value, list) else [value]
+        flags.append(f"--{key}")
+        flags.extend(json.dumps(v) if isinstance(v, (dict, bool)) else str(v) for v in items)
+    return flags
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
-    """Flags, or a single JSON recipe file (``configs/train/*.json``) as PdArgumentParser reads it."""
+    """Flags, or a JSON recipe (``configs/train/*.json``) followed by flags that override its keys.
+
+    ``run_pretrain_dist.py configs/train/demo.json --task_name data.jsonl --num_train_epochs 30``
+    trains with the recipe's settings except those two.
+    """
     classes = (ModelArguments, DataArguments, PreTrainingArguments)
     parser = PdArgumentParser(classes)
-    argv = list(argv) if argv is not None else None
-    if argv is not None and len(argv) == 1 and argv[0].endswith(".json"):
-        recipe = os.path.abspath(argv[0])
-        with open(recipe, encoding="utf-8") as f:
-            keys = set(json.load(f))
-        known = {f.name for cls in classes for f in dataclasses.fields(cls)}
-        unknown = sorted(keys - known)
-        if unknown:
-            import difflib
-
-            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-            hint = ", ".join(f"{k!r} (did you mean {v[0]!r}?)" if v else repr(k) for k, v in hints.items())
-            raise ValueError(f"training recipe {recipe} has unknown keys: {hint}")
-        return parser.parse_json_file(json_file=recipe)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
+        known = [f.name for cls in classes for f in dataclasses.fields(cls)]
+        argv = _recipe_flags(os.path.abspath(argv[0]), known) + argv[1:]
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: a bad setting is one line naming the flag (exit status 2), not a traceback."""
+    try:
+        args = parse_args(argv)
+    except TrainingSettingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        run(*args)
+    except TrainingSettingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class _ReducingTokenizer:
@@ -82,6 +120,7 @@ def zero_shot_eval_fn(model, tokenizer, eval_dir: Path, batch_size: int, num_wor
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: PreTrainingArguments) -> Dict[str, float]:
+    check_output_dir(training_args.output_dir)
     set_seed(training_args.seed)
     model = create_model(
         model_args.model,

@@ -24,6 +24,7 @@ from .checkpointing import staged_checkpoint
 from .loader import TrainDataLoader
 from .loss import ClipLoss, SigLipLoss
 from .optim import build_optimizer, cosine_with_warmup
+from .settings import check_data_args, check_training_args
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class DataArguments:
     max_skip_fraction: float = field(default=0.1, metadata={"help": "stop when more samples than this are bad"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "streaming shuffle buffer per reader"})
 
+    def __post_init__(self):
+        check_data_args(self)
+
 
 @dataclass
 class PreTrainingArguments(TrainingArguments):
@@ -90,6 +94,7 @@ class PreTrainingArguments(TrainingArguments):
     logit_scale_max: float = field(default=math.log(100.0), metadata={"help": "clamp of log logit scale"})
 
     def __post_init__(self):
+        check_training_args(self)
         super().__post_init__()
         if self.loss not in ("clip", "siglip"):
             raise ValueError(f"--loss must be 'clip' or 'siglip', got {self.loss!r}")
@@ -161,6 +166,31 @@ class _SetEpoch(TrainerCallback):
         self.epoch += 1
 
 
+class _TrainLogFromStart(TrainerCallback):
+    """``train_log.jsonl`` holds each step once: entries past the step a run starts from are dropped.
+
+    A run resumed from ``checkpoint-N`` logs steps ``N+1...`` again, and a new run in the same
+    output folder starts at step 0; what the earlier process logged after that point is not part
+    of this run's history.
+    """
+
+    def __init__(self, trainer: "CLIPTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        path = self.trainer.train_log_path
+        if not self.trainer.is_world_process_zero() or not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+        if len(kept) != len(lines):
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+
+
 class CLIPTrainer(Trainer):
     """Trainer whose loss is contrastive over the data world and whose eval is zero-shot.
 
@@ -188,6 +218,7 @@ class CLIPTrainer(Trainer):
         self._tic = time.perf_counter()
         self._samples = 0
         self.add_callback(_ClampLogitScale(self))
+        self.add_callback(_TrainLogFromStart(self))
         if hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(_SetEpoch(self.train_dataset))
 
@@ -201,6 +232,10 @@ class CLIPTrainer(Trainer):
         if isinstance(dataset, paddle.io.IterableDataset):
             return TrainDataLoader(dataset, batch_size=self.args.per_device_train_batch_size, drop_last=True, **common)
         return TrainDataLoader(dataset, batch_sampler=self._get_train_sampler(), **common)
+
+    @property
+    def train_log_path(self) -> str:
+        return os.path.join(self.args.output_dir, "train_log.jsonl")
 
     @property
     def clip_model(self):
@@ -329,7 +364,7 @@ class CLIPTrainer(Trainer):
         if self.is_world_process_zero():
             # PaddleNLP keeps no log history; a JSON-lines file makes runs comparable afterwards.
             os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
+            with open(self.train_log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.state.global_step, **logs}, default=float) + "\n")
         super().log(logs, **kwargs)
 

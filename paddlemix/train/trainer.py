@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import paddle
 import paddle.distributed as dist
+from paddle.io import DistributedBatchSampler
 from paddlenlp.trainer import Trainer, TrainerCallback, TrainingArguments
 
 from .checkpointing import staged_checkpoint
@@ -136,10 +137,14 @@ def data_world(args: TrainingArguments):
             "use --sharding_parallel_degree or data parallelism with tensor parallelism, not both"
         )
     if args.sharding_parallel_degree > 1:
-        group = hcg.get_sharding_parallel_group()
-        return hcg.get_sharding_parallel_rank(), hcg.get_sharding_parallel_world_size(), group
-    group = hcg.get_data_parallel_group()
-    return hcg.get_data_parallel_rank(), hcg.get_data_parallel_world_size(), group
+        rank, size, group = (hcg.get_sharding_parallel_rank(), hcg.get_sharding_parallel_world_size(),
+                             hcg.get_sharding_parallel_group())
+    else:
+        rank, size, group = (hcg.get_data_parallel_rank(), hcg.get_data_parallel_world_size(),
+                             hcg.get_data_parallel_group())
+    # One replica (all ranks tensor or pipeline parallel): nothing to gather. The topology's
+    # group object of a single rank does not count this process as a member (rank -1).
+    return (0, 1, None) if size == 1 else (rank, size, group)
 
 
 class _ClampLogitScale(TrainerCallback):
@@ -222,6 +227,22 @@ class CLIPTrainer(Trainer):
         if hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(_SetEpoch(self.train_dataset))
 
+    def _get_train_sampler(self):
+        """The distributed sampler at every world size, data rank and tensor-parallel degree.
+
+        Its order depends only on the epoch and the data-world rank, so one process and a
+        tensor-parallel group see the same batches (PaddleNLP gives one process a different,
+        globally seeded sampler).
+        """
+        return DistributedBatchSampler(
+            self.train_dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            shuffle=True,
+            num_replicas=self.args.dataset_world_size,
+            rank=self.args.dataset_rank,
+            drop_last=self.args.dataloader_drop_last,
+        )
+
     def get_train_dataloader(self):
         """A loader whose data errors end the run (see :mod:`paddlemix.train.loader`).
 
@@ -232,6 +253,31 @@ class CLIPTrainer(Trainer):
         if isinstance(dataset, paddle.io.IterableDataset):
             return TrainDataLoader(dataset, batch_size=self.args.per_device_train_batch_size, drop_last=True, **common)
         return TrainDataLoader(dataset, batch_sampler=self._get_train_sampler(), **common)
+
+    def _wrap_model(self, model, training=True):
+        """Tensor parallelism with the project's own layers (:mod:`paddlemix.train.tensor_parallel`).
+
+        fleet's ``TensorParallel`` wrapper broadcasts every batch with a GPU-only op, and the
+        split layers already run their collectives on explicit groups; so the model stays
+        unwrapped. What the wrapper also did is done here: every data-world replica starts
+        from the same weights (a broadcast over the data world; within a tensor-parallel group
+        the seeds are equal and the split shards differ by design), and the optimizer is fleet's
+        hybrid one, which averages gradients over the data-parallel ranks, shards stage1 state,
+        and clips by a global norm that counts each split parameter once.
+        """
+        if self.args.tensor_parallel_degree <= 1 or self.args.pipeline_parallel_degree > 1:
+            return super()._wrap_model(model, training)
+        if not training or getattr(self, "_tensor_parallel_ready", False):
+            return model
+        from paddle.distributed import fleet
+
+        _, size, group = data_world(self.args)
+        if size > 1:
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(tensor, src=group.ranks[0], group=group)
+        self.optimizer = fleet.distributed_optimizer(self.optimizer)
+        self._tensor_parallel_ready = True
+        return model
 
     @property
     def train_log_path(self) -> str:
@@ -353,7 +399,7 @@ class CLIPTrainer(Trainer):
     def log(self, logs: Dict[str, float], **kwargs) -> None:
         if "loss" in logs:
             now = time.perf_counter()
-            world = dist.get_world_size() if dist.is_initialized() else 1
+            world = self.loss_fn.world_size  # data ranks: a tensor-parallel group shares its batch
             logs["samples_per_second"] = round(self._samples * world / max(now - self._tic, 1e-9), 2)
             self._tic, self._samples = now, 0
             if self._last_scale is not None:

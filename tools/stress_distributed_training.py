@@ -24,7 +24,8 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lines that tell why a rank died (the first one found is reported).
-_FAILURE_MARKS = ("Segmentation fault", "segmentation fault", "Aborted", "SystemError", "Error:", "TIMEOUT")
+_FAILURE_MARKS = ("Segmentation fault", "segmentation fault", "Aborted", "SystemError", "Error:", "TIMEOUT",
+                  "Exit code -")
 
 
 def _command(args: argparse.Namespace, out: Path) -> List[str]:
@@ -40,7 +41,7 @@ def _command(args: argparse.Namespace, out: Path) -> List[str]:
 
 
 def _first_failure(log_dir: Path) -> Optional[str]:
-    for log in sorted(log_dir.glob("workerlog.*")):
+    for log in sorted(log_dir.glob("workerlog.*")) + [log_dir.parent / "launch.log"]:
         for line in log.read_text(errors="replace").splitlines():
             if any(mark in line for mark in _FAILURE_MARKS) and not line.startswith(" "):
                 return f"{log.name}: {line.strip()[:200]}"
@@ -52,8 +53,9 @@ def run_once(args: argparse.Namespace, index: int) -> Dict[str, object]:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        proc = subprocess.run(_command(args, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=args.timeout)
+        with open(out / "launch.log", "w") as log:
+            proc = subprocess.run(_command(args, out), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=args.timeout)
         code = proc.returncode
     except subprocess.TimeoutExpired:
         code = "timeout"

@@ -175,8 +175,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Pre
     if training_args.recompute:
         model.set_grad_checkpointing(True)
     if training_args.tensor_parallel_degree > 1:
-        # Split the loaded degree-1 model before the Trainer wraps it or builds the optimizer
-        # (the parallel layers hold new parameters). The Trainer's hybrid setup is GPU-only.
+        # Split the loaded degree-1 model before the Trainer builds the optimizer (the parallel
+        # layers hold new parameters); CLIPTrainer keeps fleet's GPU-only TensorParallel wrapper out.
         from paddle.distributed import fleet
 
         from .tensor_parallel import tensor_parallelize

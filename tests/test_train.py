@@ -188,3 +188,17 @@ def test_four_processes_tensor_parallel_times_sharding_stage1_match_two_processe
     assert sorted(parallel) == [1, 2, 3, 4, 5]
     for step, loss in reference.items():
         assert parallel[step] == pytest.approx(loss, abs=1e-4), (step, reference, parallel)
+
+
+@pytest.mark.slow
+def test_sharding_stage2_on_cpu_processes_is_refused_before_the_model_is_built(demo_root, tmp_path):
+    out = tmp_path / "out"
+    flags = _flags(demo_root, out, 5, ["--sharding", "stage2", "--sharding_parallel_degree", "2"])
+    res = subprocess.run(_launch(2, tmp_path, "stage2", flags), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0
+    for rank in range(2):
+        log = (tmp_path / "logs_stage2" / f"workerlog.{rank}").read_text()
+        assert "error: --sharding stage2 needs a GPU" in log and "on CPU use --sharding stage1" in log
+        assert "Number of trainable parameters" not in log  # no model was built
+    assert not out.exists()

@@ -5,7 +5,9 @@ import dataclasses
 import difflib
 import json
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -84,6 +86,15 @@ def _end_process(code: int, barrier: bool) -> None:
 
     if barrier:
         dist.barrier()
+    # What the skipped teardown would have done for loader workers still alive (an iterator
+    # the Trainer left unfinished): without it they outlive the job, each holding its memory.
+    # Their end is expected, so Paddle's check for loader workers killed by a signal is off.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=10)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

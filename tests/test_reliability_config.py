@@ -170,4 +170,4 @@ def test_tensor_parallel_degree_not_dividing_the_world_size_is_refused(tmp_path)
     res = subprocess.run([sys.executable, "-c", code, _recipe(tmp_path, tensor_parallel_degree=3)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
-    assert "Total world_size:2 shoule be devided by tensor_parallel_degree: 3" in res.stderr
+    assert "--tensor_parallel_degree 3 x --pipeline_parallel_degree 1 = 3 does not divide the 2 processes" in res.stderr

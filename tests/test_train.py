@@ -149,3 +149,61 @@ def test_mixer_clip_trains_with_the_same_script_and_beats_chance(tmp_path):
     _run([sys.executable, str(ROOT / "examples" / "clip" / "run_pretrain_dist.py"), str(path)], _env(), timeout=900)
     results = json.loads((tmp_path / "out" / "train_results.json").read_text())
     assert results["eval_acc1"] >= 3 * 0.0625, results
+
+
+RUN = ROOT / "examples" / "clip" / "run_pretrain_dist.py"
+
+
+def _launch(nproc, tmp_path, name, flags):
+    return [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc), "--log_dir",
+            str(tmp_path / f"logs_{name}"), str(RUN), *flags]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_degree_two_through_the_script_equals_one_process(demo_root, tmp_path):
+    """--tensor_parallel_degree 2 on 2 CPU processes (the project's TP layers in the Trainer) = 1 process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(RUN), *_flags(demo_root, one, 5)], _env())
+    _run(_launch(2, tmp_path, "two", _flags(demo_root, two, 5, ["--tensor_parallel_degree", "2"])), _env())
+    reference, parallel = _losses(one), _losses(two)
+    assert sorted(parallel) == [1, 2, 3, 4, 5]
+    for step, loss in reference.items():
+        assert parallel[step] == pytest.approx(loss, abs=1e-4), (step, reference, parallel)
+    # the run saved one merged checkpoint that loads at degree 1
+    from paddlemix.models.clip_model import CLIP
+
+    assert CLIP.from_pretrained(str(two)).visual is not None
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="fleet.init's hybrid topology does not start on 4 CPU processes here: creating the "
+                          "sharding comm groups fails with a gloo pair TIMEOUT / connection refused (Paddle's "
+                          "topology._set_comm_group, before any paddlemix code runs; 4 processes with "
+                          "--sharding stage1 --sharding_parallel_degree 4 and no tensor parallel fail the same "
+                          "way); open", strict=False)
+def test_four_processes_tensor_parallel_times_sharding_stage1_match_two_processes(demo_root, tmp_path):
+    """TP 2 x sharding stage1 degree 2 (4 processes) = sharding stage1 degree 2 alone (2 processes)."""
+    extra = ["--sharding", "stage1", "--sharding_parallel_degree", "2", "--local_loss", "true",
+             "--gather_with_grad", "true"]
+    two, four = tmp_path / "two", tmp_path / "four"
+    _run(_launch(2, tmp_path, "two", _flags(demo_root, two, 5, extra)), _env())
+    _run(_launch(4, tmp_path, "four", _flags(demo_root, four, 5, [*extra, "--tensor_parallel_degree", "2"])), _env(),
+         timeout=900)
+    reference, parallel = _losses(two), _losses(four)
+    assert sorted(parallel) == [1, 2, 3, 4, 5]
+    for step, loss in reference.items():
+        assert parallel[step] == pytest.approx(loss, abs=1e-4), (step, reference, parallel)
+
+
+@pytest.mark.slow
+def test_sharding_stage2_on_cpu_processes_is_refused_before_the_model_is_built(demo_root, tmp_path):
+    out = tmp_path / "out"
+    flags = _flags(demo_root, out, 5, ["--sharding", "stage2", "--sharding_parallel_degree", "2"])
+    res = subprocess.run(_launch(2, tmp_path, "stage2", flags), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0
+    for rank in range(2):
+        log = (tmp_path / "logs_stage2" / f"workerlog.{rank}").read_text()
+        assert "error: --sharding stage2 needs a GPU" in log and "on CPU use --sharding stage1" in log
+        assert "Number of trainable parameters" not in log  # no model was built
+    assert not out.exists()

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
+import multiprocessing
 import os
+import signal
+import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from paddlenlp.trainer import PdArgumentParser, set_seed
 
@@ -14,32 +18,114 @@ from ..data.sources import build_train_dataset
 from ..data.transforms import image_transform
 from ..factory import create_model, get_model_preprocess_cfg, get_tokenizer
 from .reporting import write_train_curves
+from .settings import TrainingSettingError, check_output_dir
 from .trainer import CLIPTrainer, DataArguments, ModelArguments, PreTrainingArguments, collate_batch, data_world
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["parse_args", "run", "zero_shot_eval_fn"]
+__all__ = ["main", "parse_args", "run", "zero_shot_eval_fn"]
+
+
+def _recipe_flags(recipe: str, known: Sequence[str]) -> List[str]:
+    """The keys of a JSON recipe as command-line flags, so that flags given after them win."""
+    try:
+        with open(recipe, encoding="utf-8") as f:
+            values = json.load(f)
+    except OSError as e:
+        raise TrainingSettingError(f"training recipe {recipe} cannot be read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise TrainingSettingError(f"training recipe {recipe} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise TrainingSettingError(f"training recipe {recipe} must hold a JSON object of flag names and values")
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hint = ", ".join(f"{k!r} (did you mean {v[0]!r}?)" if v else repr(k) for k, v in hints.items())
+        raise TrainingSettingError(f"training recipe {recipe} has unknown keys: {hint}")
+    flags: List[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue  # the flag's default
+        items = value if isinstance(value, list) else [value]
+        flags.append(f"--{key}")
+        flags.extend(json.dumps(v) if isinstance(v, (dict, bool)) else str(v) for v in items)
+    return flags
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
-    """Flags, or a single JSON recipe file (``configs/train/*.json``) as PdArgumentParser reads it."""
+    """Flags, or a JSON recipe (``configs/train/*.json``) followed by flags that override its keys.
+
+    ``run_pretrain_dist.py configs/train/demo.json --task_name data.jsonl --num_train_epochs 30``
+    trains with the recipe's settings except those two.
+    """
     classes = (ModelArguments, DataArguments, PreTrainingArguments)
     parser = PdArgumentParser(classes)
-    argv = list(argv) if argv is not None else None
-    if argv is not None and len(argv) == 1 and argv[0].endswith(".json"):
-        recipe = os.path.abspath(argv[0])
-        with open(recipe, encoding="utf-8") as f:
-            keys = set(json.load(f))
-        known = {f.name for cls in classes for f in dataclasses.fields(cls)}
-        unknown = sorted(keys - known)
-        if unknown:
-            import difflib
-
-            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
-            hint = ", ".join(f"{k!r} (did you mean {v[0]!r}?)" if v else repr(k) for k, v in hints.items())
-            raise ValueError(f"training recipe {recipe} has unknown keys: {hint}")
-        return parser.parse_json_file(json_file=recipe)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(".json") and not argv[0].startswith("-"):
+        known = [f.name for cls in classes for f in dataclasses.fields(cls)]
+        argv = _recipe_flags(os.path.abspath(argv[0]), known) + argv[1:]
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _in_multiprocess_job() -> bool:
+    import paddle.distributed as dist
+
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _end_process(code: int, barrier: bool) -> None:
+    """Leave a multi-process job without the interpreter's teardown.
+
+    Paddle's C++ teardown at exit is not safe against the other ranks: the TCP store that
+    rank 0 hosts aborts (SIGABRT) when a rank disconnects while rank 0 is destroying its
+    globals, so about one finished run in ten ended with ``Exit code -6``. After a final
+    barrier every rank has finished its work; the logs are flushed and the process ends
+    with ``os._exit``. A failed rank ends the same way at once (no barrier: the others may
+    wait in a collective), and the launcher stops the rest.
+    """
+    import paddle.distributed as dist
+
+    if barrier:
+        dist.barrier()
+    # What the skipped teardown would have done for loader workers still alive (an iterator
+    # the Trainer left unfinished): without it they outlive the job, each holding its memory.
+    # Their end is expected, so Paddle's check for loader workers killed by a signal is off.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=10)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: a bad setting is one line naming the flag (exit status 2), not a traceback.
+
+    In a multi-process job this does not return (see ``_end_process``).
+    """
+    try:
+        args = parse_args(argv)
+    except TrainingSettingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    code = 0
+    try:
+        run(*args)
+    except TrainingSettingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except Exception:  # noqa: BLE001 - re-raised in one process; reported, then the process ends, in a job
+        if not _in_multiprocess_job():
+            raise
+        logger.exception("training failed; ending this rank so that the launcher stops the others")
+        code = 1
+    if _in_multiprocess_job():
+        _end_process(code, barrier=code == 0)
+    return code
 
 
 class _ReducingTokenizer:
@@ -95,6 +181,7 @@ def zero_shot_eval_fn(model, tokenizer, eval_dir: Path, batch_size: int, num_wor
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: PreTrainingArguments) -> Dict[str, float]:
+    check_output_dir(training_args.output_dir)
     set_seed(training_args.seed)
     model = create_model(
         model_args.model,
@@ -112,8 +199,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Pre
     if training_args.recompute:
         model.set_grad_checkpointing(True)
     if training_args.tensor_parallel_degree > 1:
-        # Split the loaded degree-1 model before the Trainer wraps it or builds the optimizer
-        # (the parallel layers hold new parameters). The Trainer's hybrid setup is GPU-only.
+        # Split the loaded degree-1 model before the Trainer builds the optimizer (the parallel
+        # layers hold new parameters); CLIPTrainer keeps fleet's GPU-only TensorParallel wrapper out.
         from paddle.distributed import fleet
 
         from .tensor_parallel import tensor_parallelize

@@ -45,9 +45,10 @@ weights. :func:`split_state_dict` / :func:`merge_state_dicts` are the same rules
 dicts, so a checkpoint trained at one degree loads at any other.
 
 With PaddleNLP's Trainer, ``--tensor_parallel_degree N`` makes ``TrainingArguments``
-initialise fleet's hybrid topology (GPU only for tensor parallelism). The model is then
-converted once, after loading and before the Trainer wraps it or an optimizer is built
-(the split layers hold new parameter objects)::
+initialise fleet's hybrid topology (on CPU processes through gloo as on GPUs). The model is
+then converted once, after loading and before the Trainer builds an optimizer (the split
+layers hold new parameter objects), and ``CLIPTrainer`` leaves it unwrapped (fleet's
+``TensorParallel`` wrapper broadcasts every batch with a GPU-only op)::
 
     hcg = fleet.get_hybrid_communicate_group()
     tensor_parallelize(model, hcg.get_model_parallel_group(),

@@ -18,12 +18,15 @@ from typing import Dict, List, Optional
 import numpy as np
 import paddle
 import paddle.distributed as dist
+from paddle.io import DistributedBatchSampler
 from paddlenlp.trainer import Trainer, TrainerCallback, TrainingArguments
 
 from .checkpointing import staged_checkpoint
+from .loader import TrainDataLoader
 from .loss import ClipLoss, SigLipLoss
 from .optim import build_optimizer, cosine_with_warmup
 from .reporting import install_reporting, training_scalars
+from .settings import check_data_args, check_training_args
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,9 @@ class DataArguments:
     max_skip_fraction: float = field(default=0.1, metadata={"help": "stop when more samples than this are bad"})
     shuffle_buffer: int = field(default=1000, metadata={"help": "streaming shuffle buffer per reader"})
 
+    def __post_init__(self):
+        check_data_args(self)
+
 
 @dataclass
 class PreTrainingArguments(TrainingArguments):
@@ -93,6 +99,7 @@ class PreTrainingArguments(TrainingArguments):
     logit_scale_max: float = field(default=math.log(100.0), metadata={"help": "clamp of log logit scale"})
 
     def __post_init__(self):
+        check_training_args(self)
         super().__post_init__()
         if self.loss not in ("clip", "siglip"):
             raise ValueError(f"--loss must be 'clip' or 'siglip', got {self.loss!r}")
@@ -102,11 +109,15 @@ class PreTrainingArguments(TrainingArguments):
             logger.warning("--local_loss without --gather_with_grad gives gradients of only the local rows")
 
 
-def collate_batch(samples: List[Dict[str, np.ndarray]]) -> Dict[str, paddle.Tensor]:
-    """Stack the per-sample arrays; skipped samples never reach here (the datasets drop them)."""
+def collate_batch(samples: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Stack the per-sample arrays; skipped samples never reach here (the datasets drop them).
+
+    Arrays, not tensors: this runs in loader workers, and the loader makes the tensors in the
+    training process (see :mod:`paddlemix.train.loader` for why a worker must not).
+    """
     return {
-        "image": paddle.to_tensor(np.stack([s["image"] for s in samples])),
-        "input_ids": paddle.to_tensor(np.stack([s["input_ids"] for s in samples]).astype("int64")),
+        "image": np.stack([s["image"] for s in samples]),
+        "input_ids": np.stack([s["input_ids"] for s in samples]).astype("int64"),
     }
 
 
@@ -130,10 +141,14 @@ def data_world(args: TrainingArguments):
             "use --sharding_parallel_degree or data parallelism with tensor parallelism, not both"
         )
     if args.sharding_parallel_degree > 1:
-        group = hcg.get_sharding_parallel_group()
-        return hcg.get_sharding_parallel_rank(), hcg.get_sharding_parallel_world_size(), group
-    group = hcg.get_data_parallel_group()
-    return hcg.get_data_parallel_rank(), hcg.get_data_parallel_world_size(), group
+        rank, size, group = (hcg.get_sharding_parallel_rank(), hcg.get_sharding_parallel_world_size(),
+                             hcg.get_sharding_parallel_group())
+    else:
+        rank, size, group = (hcg.get_data_parallel_rank(), hcg.get_data_parallel_world_size(),
+                             hcg.get_data_parallel_group())
+    # One replica (all ranks tensor or pipeline parallel): nothing to gather. The topology's
+    # group object of a single rank does not count this process as a member (rank -1).
+    return (0, 1, None) if size == 1 else (rank, size, group)
 
 
 class _ClampLogitScale(TrainerCallback):
@@ -158,6 +173,31 @@ class _SetEpoch(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.dataset.set_epoch(self.epoch)
         self.epoch += 1
+
+
+class _TrainLogFromStart(TrainerCallback):
+    """``train_log.jsonl`` holds each step once: entries past the step a run starts from are dropped.
+
+    A run resumed from ``checkpoint-N`` logs steps ``N+1...`` again, and a new run in the same
+    output folder starts at step 0; what the earlier process logged after that point is not part
+    of this run's history.
+    """
+
+    def __init__(self, trainer: "CLIPTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        path = self.trainer.train_log_path
+        if not self.trainer.is_world_process_zero() or not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+        if len(kept) != len(lines):
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
 
 
 class CLIPTrainer(Trainer):
@@ -187,21 +227,66 @@ class CLIPTrainer(Trainer):
         self._tic = time.perf_counter()
         self._samples = 0
         self.add_callback(_ClampLogitScale(self))
+        self.add_callback(_TrainLogFromStart(self))
         if hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(_SetEpoch(self.train_dataset))
         install_reporting(self)
 
-    def get_train_dataloader(self):
-        """Streaming sources split themselves over ranks and workers; don't shard them again."""
-        if not isinstance(self.train_dataset, paddle.io.IterableDataset):
-            return super().get_train_dataloader()
-        return paddle.io.DataLoader(
+    def _get_train_sampler(self):
+        """The distributed sampler at every world size, data rank and tensor-parallel degree.
+
+        Its order depends only on the epoch and the data-world rank, so one process and a
+        tensor-parallel group see the same batches (PaddleNLP gives one process a different,
+        globally seeded sampler).
+        """
+        return DistributedBatchSampler(
             self.train_dataset,
             batch_size=self.args.per_device_train_batch_size,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            drop_last=True,
+            shuffle=True,
+            num_replicas=self.args.dataset_world_size,
+            rank=self.args.dataset_rank,
+            drop_last=self.args.dataloader_drop_last,
         )
+
+    def get_train_dataloader(self):
+        """A loader whose data errors end the run (see :mod:`paddlemix.train.loader`).
+
+        Streaming sources split themselves over ranks and workers, so they are not sharded again.
+        """
+        dataset = self.train_dataset
+        common = dict(collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
+        if isinstance(dataset, paddle.io.IterableDataset):
+            return TrainDataLoader(dataset, batch_size=self.args.per_device_train_batch_size, drop_last=True, **common)
+        return TrainDataLoader(dataset, batch_sampler=self._get_train_sampler(), **common)
+
+    def _wrap_model(self, model, training=True):
+        """Tensor parallelism with the project's own layers (:mod:`paddlemix.train.tensor_parallel`).
+
+        fleet's ``TensorParallel`` wrapper broadcasts every batch with a GPU-only op, and the
+        split layers already run their collectives on explicit groups; so the model stays
+        unwrapped. What the wrapper also did is done here: every data-world replica starts
+        from the same weights (a broadcast over the data world; within a tensor-parallel group
+        the seeds are equal and the split shards differ by design), and the optimizer is fleet's
+        hybrid one, which averages gradients over the data-parallel ranks, shards stage1 state,
+        and clips by a global norm that counts each split parameter once.
+        """
+        if self.args.tensor_parallel_degree <= 1 or self.args.pipeline_parallel_degree > 1:
+            return super()._wrap_model(model, training)
+        if not training or getattr(self, "_tensor_parallel_ready", False):
+            return model
+        from paddle.distributed import fleet
+
+        _, size, group = data_world(self.args)
+        if size > 1:
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(tensor, src=group.ranks[0], group=group)
+        self.optimizer = fleet.distributed_optimizer(self.optimizer)
+        self._tensor_parallel_ready = True
+        return model
+
+    @property
+    def train_log_path(self) -> str:
+        return os.path.join(self.args.output_dir, "train_log.jsonl")
 
     @property
     def clip_model(self):
@@ -318,14 +403,14 @@ class CLIPTrainer(Trainer):
     def log(self, logs: Dict[str, float], **kwargs) -> None:
         if "loss" in logs:
             now = time.perf_counter()
-            world = dist.get_world_size() if dist.is_initialized() else 1
+            world = self.loss_fn.world_size  # data ranks: a tensor-parallel group shares its batch
             logs["samples_per_second"] = round(self._samples * world / max(now - self._tic, 1e-9), 2)
             self._tic, self._samples = now, 0
             logs.update(training_scalars(self.clip_model, self.skip_counters))
         if self.is_world_process_zero():
             # PaddleNLP keeps no log history; a JSON-lines file makes runs comparable afterwards.
             os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
+            with open(self.train_log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.state.global_step, **logs}, default=float) + "\n")
         super().log(logs, **kwargs)
 

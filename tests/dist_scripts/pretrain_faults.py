@@ -21,7 +21,7 @@ import paddle.distributed as dist  # noqa: E402
 from paddlenlp.trainer import TrainerCallback  # noqa: E402
 
 from paddlemix.train import trainer as trainer_module  # noqa: E402
-from paddlemix.train.pretrain import parse_args, run  # noqa: E402
+from paddlemix.train.pretrain import main  # noqa: E402
 
 
 def _die() -> None:
@@ -62,4 +62,4 @@ def _init_with_faults(self, *args, **kwargs):
 trainer_module.CLIPTrainer.__init__ = _init_with_faults
 
 if __name__ == "__main__":
-    run(*parse_args(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

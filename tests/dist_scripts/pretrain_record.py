@@ -16,7 +16,7 @@ from paddlemix.data.sources.mapstyle import CaptionListDataset  # noqa: E402
 from paddlenlp.trainer import TrainerCallback  # noqa: E402
 
 from paddlemix.train import trainer as trainer_module  # noqa: E402
-from paddlemix.train.pretrain import parse_args, run  # noqa: E402
+from paddlemix.train.pretrain import main  # noqa: E402
 
 _original_load = CaptionListDataset.load
 
@@ -51,4 +51,4 @@ if os.environ.get("PADDLEMIX_TEST_STOP_AT"):
     trainer_module.CLIPTrainer.__init__ = _init_with_stop
 
 if __name__ == "__main__":
-    run(*parse_args(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -180,7 +180,7 @@ def test_tensor_parallel_degree_two_through_the_script_equals_one_process(demo_r
                           "sharding comm groups fails with a gloo pair TIMEOUT / connection refused (Paddle's "
                           "topology._set_comm_group, before any paddlemix code runs; 4 processes with "
                           "--sharding stage1 --sharding_parallel_degree 4 and no tensor parallel fail the same "
-                          "way); open", strict=False)
+                          "way; tools/repro_fleet_gloo_hybrid.py shows it with Paddle alone); open", strict=False)
 def test_four_processes_tensor_parallel_times_sharding_stage1_match_two_processes(demo_root, tmp_path):
     """TP 2 x sharding stage1 degree 2 (4 processes) = sharding stage1 degree 2 alone (2 processes)."""
     extra = ["--sharding", "stage1", "--sharding_parallel_degree", "2", "--local_loss", "true",

@@ -214,6 +214,12 @@ class _TowerCfg:
 
 @dataclass
 class VisionCfg(_TowerCfg):
+    """The image tower: open_clip's keys, then the explicit variant switches (EVA-CLIP's among them),
+    then EVA-CLIP's schema keys read into those switches, then the MLP-Mixer's.
+
+    Each switch is a plain argument any config may set; none depends on a family's name.
+    """
+
     layers: int = 12
     width: int = 768
     head_width: int = 64
@@ -244,6 +250,7 @@ class VisionCfg(_TowerCfg):
     qkv_bias: Union[bool, str] = True
     # EVA-CLIP's name for its tower: read as the explicit settings above (see eva_to_explicit), kept as a label.
     eva_model_name: Optional[str] = None
+    # Variants EVA-CLIP introduced; each is independent of eva_model_name.
     drop_path_rate: float = 0.0
     rope: bool = False
     pt_hw_seq_len: int = 16

@@ -195,3 +195,65 @@ def test_sharded_checkpoint_loads_one_shard_at_a_time(tmp_path):
     # Peak extra host memory while loading stays near one shard, well below the whole model.
     assert stats["extra"] < 3 * stats["largest"] + 16 * 2**20, stats
     assert stats["extra"] < 0.6 * stats["total"], stats
+
+
+# EVA-CLIP's tower is named by eva_model_name; the name is written out into explicit fields once, when the
+# config is read, so the model code builds from the explicit fields alone.
+_EVA_TINY_VISION = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32,
+                    "eva_model_name": "eva-clip-tiny"}
+_EVA_EXPLICIT = {"norm_eps": 1e-6, "patch_bias": True, "proj_bias": True, "no_ln_pre": True, "qkv_bias": "qv",
+                 "quick_gelu": False}
+
+
+def _tiny_model_cfg(vision, quick_gelu=True):
+    text = {"context_length": 16, "vocab_size": 512, "width": 64, "heads": 2, "layers": 2}
+    return {"embed_dim": 32, "quick_gelu": quick_gelu, "vision_cfg": vision, "text_cfg": text}
+
+
+def test_eva_name_reads_as_explicit_fields():
+    vc = CLIPConfig.from_model_cfg(_tiny_model_cfg(_EVA_TINY_VISION)).vision
+    assert {k: getattr(vc, k) for k in _EVA_EXPLICIT} == _EVA_EXPLICIT
+    assert (vc.pool_type, vc.final_ln_after_pool) == ("tok", False)
+    gap = CLIPConfig.from_model_cfg(_tiny_model_cfg(dict(_EVA_TINY_VISION, global_average_pool=True))).vision
+    assert (gap.pool_type, gap.final_ln_after_pool) == ("avg", True)
+    no_bias = CLIPConfig.from_model_cfg(_tiny_model_cfg(dict(_EVA_TINY_VISION, qkv_bias=False))).vision
+    assert (no_bias.qkv_bias, no_bias.proj_bias) == ("none", False)
+    # open_clip's schema: qkv_bias true / false are the full q, k, v bias or none.
+    plain = {k: v for k, v in _EVA_TINY_VISION.items() if k != "eva_model_name"}
+    vc = CLIPConfig.from_model_cfg(_tiny_model_cfg(plain)).vision
+    assert (vc.qkv_bias, vc.patch_bias, vc.proj_bias, vc.no_ln_pre, vc.layer_norm_eps()) == ("qkv", False, False,
+                                                                                              False, 1e-5)
+    # norm_kwargs' eps still wins over EVA's 1e-6, as in EVA-CLIP's own configs.
+    eps = CLIPConfig.from_model_cfg(_tiny_model_cfg(dict(_EVA_TINY_VISION, norm_kwargs={"eps": 1e-5}))).vision
+    assert eps.layer_norm_eps() == 1e-5
+
+
+def test_saved_eva_config_reads_back_the_same():
+    """A config.json written before the explicit fields existed (every key at its default) still means EVA."""
+    old = dict(_EVA_TINY_VISION, qkv_bias=True, no_ln_pre=False, quick_gelu=None, global_average_pool=True,
+               pool_type="tok", final_ln_after_pool=False)
+    first = CLIPConfig.from_model_cfg(_tiny_model_cfg(old))
+    again = CLIPConfig.from_model_cfg(first.to_model_cfg())
+    assert first.vision_cfg == again.vision_cfg
+    assert {k: first.vision_cfg[k] for k in _EVA_EXPLICIT} == _EVA_EXPLICIT
+    assert (first.vision.pool_type, first.vision.final_ln_after_pool) == ("avg", True)
+
+
+def test_explicit_fields_build_the_eva_tower_without_its_name():
+    named = _tiny_model_cfg(dict(_EVA_TINY_VISION, rope=True, pt_hw_seq_len=4, naiveswiglu=True, subln=True))
+    explicit = _tiny_model_cfg(dict({k: v for k, v in named["vision_cfg"].items() if k != "eva_model_name"},
+                                    **_EVA_EXPLICIT))
+    paddle.seed(0)
+    a = CLIP(CLIPConfig.from_model_cfg(named)).eval()
+    b = CLIP(CLIPConfig.from_model_cfg(explicit)).eval()
+    sd = a.state_dict()
+    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in b.state_dict().items()}
+    b.set_state_dict(sd)
+    image = paddle.to_tensor(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype("float32"))
+    with paddle.no_grad():
+        np.testing.assert_array_equal(a.encode_image(image).numpy(), b.encode_image(image).numpy())
+    # The model's quick_gelu=True reaches the text tower only: EVA-CLIP's vision tower is GELU.
+    plain = CLIP(CLIPConfig.from_model_cfg(_tiny_model_cfg(_EVA_TINY_VISION)))
+    acts = {name: {type(m).__name__ for m in getattr(plain, name).sublayers()} & {"GELU", "QuickGELU"}
+            for name in ("visual", "text")}
+    assert acts == {"visual": {"GELU"}, "text": {"QuickGELU"}}

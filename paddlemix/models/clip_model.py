@@ -27,14 +27,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["CLIP", "build_vision_tower", "build_text_tower"]
 
 
-def _norm_eps(norm_kwargs: Optional[dict], default: float) -> float:
-    kwargs = dict(norm_kwargs or {})
-    eps = kwargs.pop("eps", kwargs.pop("epsilon", default))
-    if kwargs:
-        raise ConfigError(f"norm_kwargs: only 'eps' is supported, got extra keys {sorted(kwargs)}")
-    return float(eps)
-
-
 def _act_layer(act_kwargs: Optional[dict], quick_gelu: bool) -> Callable[[], nn.Layer]:
     """The activation, with open_clip's ``act_kwargs`` for ``nn.GELU``.
 
@@ -55,20 +47,21 @@ def _act_layer(act_kwargs: Optional[dict], quick_gelu: bool) -> Callable[[], nn.
 
 
 def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False) -> nn.Layer:
-    """Translate a :class:`VisionCfg` (open_clip or EVA-CLIP schema) into tower arguments."""
-    eva = cfg.eva_model_name is not None
-    # EVA's vision tower is GELU unless the tower says otherwise (its reference ignores quick_gelu for vision).
-    tower_quick_gelu = cfg.quick_gelu if cfg.quick_gelu is not None else quick_gelu and not eva
+    """Translate a :class:`VisionCfg` into tower arguments.
+
+    Every variant is an explicit field here; EVA-CLIP's named variant was already written out
+    into those fields when the config was read (:func:`~paddlemix.models.config.eva_to_explicit`).
+    """
+    tower_quick_gelu = cfg.quick_gelu if cfg.quick_gelu is not None else quick_gelu
+    eps = cfg.layer_norm_eps()
     if cfg.block_type != "attention":
-        norm = get_norm_layer(eps=_norm_eps(cfg.norm_kwargs, 1e-5), fused=cfg.fusedLN)
+        norm = get_norm_layer(eps=eps, fused=cfg.fusedLN)
         return build_mixer_vision_tower(embed_dim, cfg, _act_layer(cfg.act_kwargs, tower_quick_gelu), norm)
     if isinstance(cfg.layers, (list, tuple)):
         raise ConfigError(f"vision_cfg.layers={cfg.layers!r} describes a ResNet tower, which is not implemented")
     if cfg.width % cfg.head_width != 0:
         raise ConfigError(f"vision_cfg.width {cfg.width} is not divisible by head_width {cfg.head_width}")
     heads = cfg.width // cfg.head_width
-    # EVA towers use eps 1e-6 norms, biased patch embed and head, and q/v-only attention biases.
-    eps = _norm_eps(cfg.norm_kwargs, 1e-6 if eva else 1e-5)
     norm_layer = get_norm_layer(use_rms_norm=cfg.use_rms_norm, eps=eps, fused=cfg.fusedLN)
     attn_norm_layer, mlp_norm_layer = (
         get_norm_layer(use_rms_norm=cfg.use_rms_norm, eps=sub_eps, fused=cfg.fusedLN) if sub_eps is not None else None
@@ -83,17 +76,6 @@ def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False)
             pt_seq_len=cfg.pt_hw_seq_len,
             intp_freq=cfg.intp_freq,
         )
-    # EVA-CLIP's global_average_pool is shorthand for open_clip's patch-token average normed after pooling.
-    if eva and cfg.global_average_pool:
-        if cfg.pool_type not in ("tok", "avg"):
-            raise ConfigError(
-                f"vision_cfg global_average_pool=True (patch-token average) contradicts pool_type={cfg.pool_type!r}; "
-                "set one of them"
-            )
-        pool_type, final_ln_after_pool = "avg", True
-    else:
-        pool_type, final_ln_after_pool = cfg.pool_type, cfg.final_ln_after_pool
-    qkv_bias = ("qv" if eva else "qkv") if cfg.qkv_bias else "none"
     return VisionTransformer(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -105,17 +87,17 @@ def build_vision_tower(embed_dim: int, cfg: VisionCfg, quick_gelu: bool = False)
         ls_init_value=cfg.ls_init_value,
         patch_dropout=cfg.patch_dropout,
         pos_embed_type=cfg.pos_embed_type,
-        no_ln_pre=cfg.no_ln_pre or eva,
-        pool_type=pool_type,
-        final_ln_after_pool=final_ln_after_pool,
+        no_ln_pre=cfg.no_ln_pre,
+        pool_type=cfg.pool_type,
+        final_ln_after_pool=cfg.final_ln_after_pool,
         attentional_pool=cfg.attentional_pool,
         attn_pooler_queries=cfg.attn_pooler_queries,
         attn_pooler_heads=cfg.attn_pooler_heads,
         act_layer=_act_layer(cfg.act_kwargs, tower_quick_gelu),
         norm_layer=norm_layer,
-        patch_bias=eva,
-        proj_bias=eva and cfg.qkv_bias,
-        qkv_bias=qkv_bias,
+        patch_bias=cfg.patch_bias,
+        proj_bias=cfg.proj_bias,
+        qkv_bias=cfg.qkv_bias,
         swiglu=cfg.naiveswiglu,
         subln=cfg.subln,
         postnorm=cfg.postnorm,
@@ -132,7 +114,7 @@ def build_text_tower(embed_dim: int, cfg: TextCfg, quick_gelu: bool = False) -> 
     if cfg.quick_gelu is not None:
         quick_gelu = cfg.quick_gelu
     if cfg.block_type != "attention":
-        norm = get_norm_layer(eps=_norm_eps(cfg.norm_kwargs, 1e-5), fused=cfg.fusedLN)
+        norm = get_norm_layer(eps=cfg.layer_norm_eps(), fused=cfg.fusedLN)
         return build_mixer_text_tower(embed_dim, cfg, _act_layer(cfg.act_kwargs, quick_gelu), norm)
     if cfg.width % cfg.heads != 0:
         raise ConfigError(f"text_cfg.width {cfg.width} is not divisible by heads {cfg.heads}")
@@ -155,7 +137,7 @@ def build_text_tower(embed_dim: int, cfg: TextCfg, quick_gelu: bool = False) -> 
         proj_type=cfg.proj_type,
         proj_bias=cfg.proj_bias,
         act_layer=_act_layer(cfg.act_kwargs, quick_gelu),
-        norm_layer=get_norm_layer(eps=_norm_eps(cfg.norm_kwargs, 1e-5), fused=cfg.fusedLN),
+        norm_layer=get_norm_layer(eps=cfg.layer_norm_eps(), fused=cfg.fusedLN),
         use_fused_attn=cfg.xattn,
         output_tokens=cfg.output_tokens,
     )

@@ -4,6 +4,12 @@ The tower configs accept open_clip's schema (``vision_cfg`` / ``text_cfg`` keys)
 and EVA-CLIP's extra switches under the same names, so a config JSON from either
 project builds the same towers here. Unknown keys are an error: a typo in a
 config must not silently build a different model.
+
+Every architectural variant is an explicit field (``norm_eps``, ``patch_bias``,
+``proj_bias``, ``no_ln_pre``, ``qkv_bias`` mode, ``pool_type``, per-tower
+``quick_gelu``). EVA-CLIP configs select theirs with a name (``eva_model_name``);
+:func:`eva_to_explicit` translates that name into the explicit fields once, when the
+config is read, so the model code never looks at the name.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from paddlenlp.transformers import PretrainedConfig
 
 from ..errors import PaddleMIXError
 
-__all__ = ["VisionCfg", "TextCfg", "CLIPConfig", "ConfigError", "check_tower_values"]
+__all__ = ["VisionCfg", "TextCfg", "CLIPConfig", "ConfigError", "check_tower_values", "eva_to_explicit"]
 
 
 class ConfigError(PaddleMIXError, ValueError):
@@ -76,6 +82,8 @@ _RANGES: Dict[str, Dict[str, Tuple[Any, str]]] = {
         "pos_embed_type": (lambda v: v in ("learnable", "sin_cos_2d"), "'learnable' or 'sin_cos_2d'"),
         "pool_type": (lambda v: v in ("tok", "avg", "avg_all", "none"), "'tok', 'avg', 'avg_all' or 'none'"),
         "block_type": (lambda v: v in ("attention", "mixer"), "'attention' or 'mixer'"),
+        "qkv_bias": (lambda v: v in ("qkv", "qv", "none"), "'qkv', 'qv', 'none', true ('qkv') or false ('none')"),
+        "norm_eps": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
     },
     "TextCfg": {
         "context_length": _POSITIVE, "vocab_size": _POSITIVE, "width": _POSITIVE, "heads": _POSITIVE,
@@ -123,8 +131,46 @@ def check_tower_values(cfg: "_TowerCfg") -> None:
                               f"{cfg.vocab_size})")
 
 
+def eva_to_explicit(d: Dict[str, Any]) -> Dict[str, Any]:
+    """A vision tower dict with EVA-CLIP's implied settings written out as explicit fields.
+
+    ``eva_model_name`` (any value) means EVA-CLIP's tower: norms with eps 1e-6, a biased patch
+    embedding, no ``ln_pre``, attention biases on q and v only (``qkv_bias: true``), a biased
+    head projection where the attention has biases, GELU whatever the model's ``quick_gelu``
+    (EVA-CLIP ignores it for vision), and ``global_average_pool`` as open_clip's patch-token
+    average normed after pooling. Idempotent, so a config this wrote reads back the same; the
+    name stays in the config only as the label of the variant (PaddleMIX's ``EVACLIP`` layout).
+    """
+    d = dict(d)
+    eva = d.get("eva_model_name") is not None
+    qkv_bias = d.get("qkv_bias", True)
+    if isinstance(qkv_bias, bool):  # open_clip / EVA-CLIP schema: a switch whose meaning is the family's
+        qkv_bias = ("qv" if eva else "qkv") if qkv_bias else "none"
+        d["qkv_bias"] = qkv_bias
+    if not eva:
+        return d
+    norm_kwargs = d.get("norm_kwargs") or {}
+    if d.get("norm_eps") is None and "eps" not in norm_kwargs and "epsilon" not in norm_kwargs:
+        d["norm_eps"] = 1e-6
+    d.update(no_ln_pre=True, patch_bias=True, proj_bias=qkv_bias != "none")
+    if d.get("quick_gelu") is None:
+        d["quick_gelu"] = False
+    if d.get("global_average_pool"):
+        pool_type = d.get("pool_type", "tok")
+        if pool_type not in ("tok", "avg"):
+            raise ConfigError(
+                f"vision_cfg global_average_pool=True (patch-token average) contradicts pool_type={pool_type!r}; "
+                "set one of them"
+            )
+        d.update(pool_type="avg", final_ln_after_pool=True)
+    return d
+
+
 class _TowerCfg:
     """Strict construction from a dict shared by both tower configs."""
+
+    # Bool keys whose schema also accepts a string mode (bools are translated in __post_init__).
+    _BOOL_MODES: Tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Optional[Dict[str, Any]]):
@@ -142,6 +188,8 @@ class _TowerCfg:
         for k, v in d.items():
             f = names[k]
             default = f.default if f.default is not dataclasses.MISSING else None
+            if k in cls._BOOL_MODES and isinstance(v, str):
+                continue
             _check_type(cls.__name__, k, v, default)
         cfg = cls(**d)
         check_tower_values(cfg)
@@ -150,9 +198,28 @@ class _TowerCfg:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def layer_norm_eps(self) -> float:
+        """The eps of the tower's norms: ``norm_eps``, else open_clip's ``norm_kwargs`` eps, else 1e-5."""
+        kwargs = dict(self.norm_kwargs or {})
+        eps = kwargs.pop("eps", kwargs.pop("epsilon", None))
+        if kwargs:
+            raise ConfigError(f"norm_kwargs: only 'eps' is supported, got extra keys {sorted(kwargs)}")
+        norm_eps = getattr(self, "norm_eps", None)
+        if norm_eps is not None and eps is not None and float(eps) != float(norm_eps):
+            raise ConfigError(f"norm_eps = {norm_eps!r} contradicts norm_kwargs eps = {eps!r}; set one of them")
+        if norm_eps is not None:
+            return float(norm_eps)
+        return float(eps) if eps is not None else 1e-5
+
 
 @dataclass
 class VisionCfg(_TowerCfg):
+    """The image tower: open_clip's keys, then the explicit variant switches (EVA-CLIP's among them),
+    then EVA-CLIP's schema keys read into those switches, then the MLP-Mixer's.
+
+    Each switch is a plain argument any config may set; none depends on a family's name.
+    """
+
     layers: int = 12
     width: int = 768
     head_width: int = 64
@@ -174,9 +241,16 @@ class VisionCfg(_TowerCfg):
     norm_kwargs: Optional[dict] = None
     # This tower's activation; None follows the model's quick_gelu (PaddleMIX's vision tower is always GELU).
     quick_gelu: Optional[bool] = None
-    # EVA-CLIP switches (defaults reproduce the CLIP tower).
+    # Norm eps of the tower; None: norm_kwargs' eps, else 1e-5.
+    norm_eps: Optional[float] = None
+    patch_bias: bool = False  # bias on the patch-embedding convolution (EVA)
+    proj_bias: bool = False  # bias on the image projection head (EVA)
+    # Attention input biases: 'qkv' (CLIP), 'qv' (BEiT / EVA: no k bias) or 'none'; true / false read as
+    # 'qkv' / 'none', or as 'qv' / 'none' under eva_model_name.
+    qkv_bias: Union[bool, str] = True
+    # EVA-CLIP's name for its tower: read as the explicit settings above (see eva_to_explicit), kept as a label.
     eva_model_name: Optional[str] = None
-    qkv_bias: bool = True
+    # Variants EVA-CLIP introduced; each is independent of eva_model_name.
     drop_path_rate: float = 0.0
     rope: bool = False
     pt_hw_seq_len: int = 16
@@ -185,7 +259,7 @@ class VisionCfg(_TowerCfg):
     subln: bool = False
     postnorm: bool = False
     use_rms_norm: bool = False
-    global_average_pool: bool = False
+    global_average_pool: bool = False  # EVA-CLIP schema: read as pool_type 'avg' normed after pooling
     # eps of the subln norms inside attention and the MLP; None: the tower's norm eps.
     attn_norm_eps: Optional[float] = None
     mlp_norm_eps: Optional[float] = None
@@ -194,6 +268,13 @@ class VisionCfg(_TowerCfg):
     # MLP-Mixer tower (models/mixer.py): 'attention' builds the ViT, 'mixer' token-mixing MLPs.
     block_type: str = "attention"
     token_mlp_ratio: float = 0.5  # token-mixing hidden width as a fraction of `width`
+
+    _BOOL_MODES = ("qkv_bias",)
+
+    def __post_init__(self):
+        # Direct construction and from_dict both pass here, so no VisionCfg carries an implied setting.
+        for key, value in eva_to_explicit(dataclasses.asdict(self)).items():
+            setattr(self, key, value)
 
 
 @dataclass

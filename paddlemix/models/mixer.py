@@ -329,6 +329,8 @@ def build_mixer_vision_tower(
             "patch_dropout": 0.0,  # the token count is fixed by the token-mixing weights
             "attentional_pool": False,
             "eva_model_name": None,
+            "patch_bias": False,
+            "proj_bias": False,
             "rope": False,
             "naiveswiglu": False,
             "subln": False,

@@ -158,23 +158,18 @@ LEGACY_WEIGHTS_NAME = "model_state.pdparams"
 
 def _tower_semantics(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
     """What decides the numbers besides the weights, as this project computes them for ``model_cfg``."""
-    from ..models.clip_model import _norm_eps
     from ..models.config import CLIPConfig
 
     cfg = CLIPConfig.from_model_cfg({k: v for k, v in model_cfg.items() if k != "preprocess_cfg"})
     vc, tc = cfg.vision, cfg.text
-    eva = vc.eva_model_name is not None
-    vision_quick = vc.quick_gelu if vc.quick_gelu is not None else cfg.quick_gelu and not eva
+    vision_quick = vc.quick_gelu if vc.quick_gelu is not None else cfg.quick_gelu
     text_quick = tc.quick_gelu if tc.quick_gelu is not None else cfg.quick_gelu
-    if eva and vc.global_average_pool:
-        pool, ln_after = "avg", True
-    else:
-        pool, ln_after = vc.pool_type, vc.final_ln_after_pool
+    pool, ln_after = vc.pool_type, vc.final_ln_after_pool
     pooling = {"tok": "class token", "avg": "average of the patch tokens",
                "avg_all": "average of every token, class token included"}.get(pool, pool)
     if pool in ("avg", "avg_all"):  # for the class token the norm commutes with taking it
         pooling += ", normed after pooling" if ln_after else ", normed before pooling"
-    tower_eps = _norm_eps(vc.norm_kwargs, 1e-6 if eva else 1e-5)
+    tower_eps = vc.layer_norm_eps()
     out = {
         "vision activation": "QuickGELU" if vision_quick else "GELU",
         "text activation": "QuickGELU" if text_quick else "GELU",
@@ -210,12 +205,11 @@ def model_cfg_to_legacy_config(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
     PaddleMIX's own configs are. Architectures PaddleMIX has no module for are refused; numeric
     semantics it computes differently are reported by :func:`paddlemix_differences`.
     """
-    from ..models.clip_model import _norm_eps
     from ..models.config import CLIPConfig
 
     cfg = CLIPConfig.from_model_cfg({k: v for k, v in model_cfg.items() if k != "preprocess_cfg"})
     vc, tc = cfg.vision, cfg.text
-    eva = vc.eva_model_name is not None
+    eva = vc.eva_model_name is not None  # the label of the variant picks PaddleMIX's EVACLIP class
     if vc.block_type != "attention" or tc.block_type != "attention":
         raise _refuse("MLP-Mixer towers")
     for name, tower_cfg in (("vision", vc), ("text", tc)):
@@ -228,7 +222,7 @@ def model_cfg_to_legacy_config(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
     if tc.embed_cls or tc.pool_type != "argmax" or tc.proj_type != "linear" or tc.proj_bias:
         raise _refuse(f"a text tower with embed_cls={tc.embed_cls}, pool_type={tc.pool_type!r}, "
                       f"proj_type={tc.proj_type!r}, proj_bias={tc.proj_bias}")
-    if _norm_eps(tc.norm_kwargs, 1e-5) != 1e-5:
+    if tc.layer_norm_eps() != 1e-5:
         raise _refuse(f"text norm eps {tc.norm_kwargs}")
     text_quick = tc.quick_gelu if tc.quick_gelu is not None else cfg.quick_gelu
     text = {"context_length": tc.context_length, "vocab_size": tc.vocab_size, "width": tc.width, "heads": tc.heads,
@@ -238,22 +232,25 @@ def model_cfg_to_legacy_config(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
         ("attn_mask", not tc.no_causal_mask, True), ("pad_id", tc.pad_id, 0)) if v != default})
     vision = {"image_size": vc.image_size, "patch_size": vc.patch_size, "width": vc.width, "layers": vc.layers,
               "head_width": vc.head_width, "mlp_ratio": vc.mlp_ratio, "embed_dim": cfg.embed_dim}
-    mean_pool = vc.pool_type in ("avg", "avg_all") or (eva and vc.global_average_pool)
+    mean_pool = vc.pool_type in ("avg", "avg_all")
     if eva:
-        if _norm_eps(vc.norm_kwargs, 1e-6) != 1e-6:
-            raise _refuse(f"EVA vision norm eps {vc.norm_kwargs} (its EVA tower uses 1e-6)")
+        if vc.layer_norm_eps() != 1e-6:
+            raise _refuse(f"EVA vision norm eps {vc.layer_norm_eps()} (its EVA tower uses 1e-6)")
+        if vc.qkv_bias == "qkv":
+            raise _refuse("an EVA vision tower with a k bias (qkv_bias 'qkv'; PaddleMIX's has q/v biases only)")
         vision.update({k: v for k, v, default in (
-            ("qkv_bias", vc.qkv_bias, False), ("init_values", vc.ls_init_value, None),
+            ("qkv_bias", vc.qkv_bias == "qv", False), ("init_values", vc.ls_init_value, None),
             ("use_mean_pooling", mean_pool, True), ("rope", vc.rope, False), ("naiveswiglu", vc.naiveswiglu, False),
             ("subln", vc.subln, False), ("postnorm", vc.postnorm, False)) if v != default})
         if vc.rope:
             vision.update(pt_hw_seq_len=vc.pt_hw_seq_len, intp_freq=vc.intp_freq)
         vision["xattn"] = True  # as PaddleMIX's EVA configs are written; it only picks the attention kernel
         return {"model_type": "evaclip", "vision_cfg": vision, "text_cfg": text}
-    if vc.no_ln_pre or vc.postnorm or vc.rope or vc.naiveswiglu or vc.subln or not vc.qkv_bias:
+    if (vc.no_ln_pre or vc.postnorm or vc.rope or vc.naiveswiglu or vc.subln or vc.qkv_bias != "qkv"
+            or vc.patch_bias or vc.proj_bias):
         raise _refuse("a CLIP vision tower without ln_pre or with EVA switches (set eva_model_name for an EVA tower)")
-    if _norm_eps(vc.norm_kwargs, 1e-5) != 1e-5:
-        raise _refuse(f"vision norm eps {vc.norm_kwargs}")
+    if vc.layer_norm_eps() != 1e-5:
+        raise _refuse(f"vision norm eps {vc.layer_norm_eps()}")
     if mean_pool:
         vision["global_average_pool"] = True
     if vc.ls_init_value is not None:

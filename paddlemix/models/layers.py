@@ -33,6 +33,7 @@ __all__ = [
     "Mlp",
     "SwiGLU",
     "Attention",
+    "ATTENTION_FUNCTIONS",
     "AttentionalPooler",
     "sincos_2d_pos_embed",
 ]

@@ -14,7 +14,7 @@ without Python in the loop, which is the fastest way Paddle has to run a fixed g
 Choices made here, per device:
 
 * CPU: Paddle's own CPU kernels (MKL GEMMs, the same ``addmm`` / attention kernels as the
-  dynamic model, see :func:`paddlemix.models.layers.addmm_linear`) with its graph passes, and
+  dynamic model, see :func:`paddlemix.kernels.dispatch.addmm_linear`) with its graph passes, and
   ``cpu_threads`` math threads (default: the CPUs this process may use, see
   :func:`paddlemix._env.available_cpus`). ``onednn=True`` runs oneDNN instead; it is opt-in
   because it was not faster on the AVX2 CPU the defaults were measured on (numbers: README,

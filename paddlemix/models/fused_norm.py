@@ -27,6 +27,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .. import kernels
+from ..kernels import dispatch
 from ..errors import PaddleMIXError
 from .layers import LayerNorm, RMSNorm
 
@@ -42,10 +43,6 @@ __all__ = [
     "fused_norm_layer",
     "fused_op_status",
 ]
-
-_OP_NAME = "fused_ln"
-_OP_DTYPES = (paddle.float32, paddle.float16, paddle.bfloat16)
-_CUDA_MAX_COLS = 8192  # fused_ln_cuda.cuh: kMaxCols
 
 
 class FusedNormUnavailableError(PaddleMIXError, RuntimeError):
@@ -68,27 +65,10 @@ def _require_or_warn(require_op: bool) -> bool:
 
 
 def _op_handles(x: paddle.Tensor) -> bool:
-    if x.dtype not in _OP_DTYPES or x.ndim == 0:
-        return False
-    place = x.place
-    if place.is_cpu_place():
-        return True
-    return place.is_gpu_place() and paddle.is_compiled_with_cuda() and x.shape[-1] <= _CUDA_MAX_COLS
+    return dispatch.choose("fused_norm", x) == "paddlemix"
 
 
-def _run_op(
-    x: paddle.Tensor,
-    residual: Optional[paddle.Tensor],
-    weight: Optional[paddle.Tensor],
-    bias: Optional[paddle.Tensor],
-    epsilon: float,
-    rms_norm: bool,
-    portable: bool = False,
-) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor, paddle.Tensor]:
-    outs = paddle._C_ops._run_custom_op(
-        _OP_NAME, x, residual, weight, bias, float(epsilon), bool(rms_norm), bool(portable)
-    )
-    return tuple(outs)
+_run_op = dispatch.run_fused_ln
 
 
 def fused_ln(
@@ -114,13 +94,13 @@ def fused_ln(
 def cpu_gelu(x: paddle.Tensor) -> paddle.Tensor:
     """Exact GELU by the library's ``cpu_gelu`` operator (float32 CPU tensors; differentiable)."""
     _require_or_warn(require_op=True)
-    return paddle._C_ops._run_custom_op("cpu_gelu", x)[0]
+    return dispatch.run_cpu_gelu(x)
 
 
 def cpu_softmax(x: paddle.Tensor) -> paddle.Tensor:
     """Softmax over the last axis by the library's ``cpu_softmax`` operator (float32 CPU tensors)."""
     _require_or_warn(require_op=True)
-    return paddle._C_ops._run_custom_op("cpu_softmax", x)[0]
+    return dispatch.run_cpu_softmax(x)
 
 
 def _reference_layer_norm(x, weight, bias, epsilon: float) -> paddle.Tensor:

@@ -9,13 +9,14 @@ transposes are needed on the fast path.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
-from paddle.autograd import PyLayer
+
+from ..kernels import dispatch
 
 __all__ = [
     "Linear",
@@ -32,119 +33,29 @@ __all__ = [
     "Mlp",
     "SwiGLU",
     "Attention",
+    "ATTENTION_FUNCTIONS",
     "AttentionalPooler",
     "sincos_2d_pos_embed",
 ]
 
 
-def _cpu_eager_fp32(x: paddle.Tensor) -> bool:
-    """True where the CPU fast paths below apply: dynamic graph, a float32 tensor on the CPU.
-
-    Static graphs (export) keep the plain ops, which the inference passes fuse themselves.
-    """
-    return paddle.in_dynamic_mode() and x.dtype == paddle.float32 and x.place.is_cpu_place()
-
-
-def _cpu_fp32(x: paddle.Tensor) -> bool:
-    """A float32 tensor on the CPU, or a static graph being built on a CPU (an export there).
-
-    The attention formulation below is the faster one for Paddle Inference on CPUs as well
-    (oneDNN runs RoPE's broadcast multiplies of [N, 1, D] tables on a slow path); a graph
-    built on a GPU keeps scaled_dot_product_attention, i.e. flash attention.
-    """
-    if x.dtype != paddle.float32:
-        return False
-    if paddle.in_dynamic_mode():
-        return x.place.is_cpu_place()
-    return paddle.framework._current_expected_place_().is_cpu_place()
-
-
-class _AddmmLinear(PyLayer):
-    """``x @ w + b`` for 2-D ``x`` with a backward of three BLAS calls.
-
-    Paddle's own ``addmm`` backward reduces the bias gradient with a column ``sum`` that runs
-    at a fraction of memory speed on CPUs, while the same sum as ``ones @ dy`` is one BLAS call.
-    Same numbers: the gradients are bit-identical to ``addmm``'s (tested).
-    """
-
-    @staticmethod
-    def forward(ctx, x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
-        return paddle.addmm(bias, x, weight)
-
-    @staticmethod
-    def backward(ctx, dy: paddle.Tensor):
-        x, weight = ctx.saved_tensor()
-        need_x, need_w, need_b = ctx.needs
-        dx = paddle.matmul(dy, weight, transpose_y=True) if need_x else None
-        dw = paddle.matmul(x, dy, transpose_x=True) if need_w else None
-        db = paddle.matmul(paddle.ones([1, dy.shape[0]], dy.dtype), dy).reshape([-1]) if need_b else None
-        return dx, dw, db
-
-
 class Linear(nn.Linear):
-    """``nn.Linear`` whose CPU forward adds the bias inside the GEMM (``addmm``).
+    """``nn.Linear`` whose implementation :func:`paddlemix.kernels.dispatch.linear` chooses.
 
-    Paddle's CPU ``linear`` is a matmul followed by a separate broadcast add, which writes
-    and re-reads the whole output; ``addmm`` hands the bias to the BLAS call instead, and :class:`_AddmmLinear` gives it a faster
-    backward. Same parameters and state-dict keys as ``nn.Linear``.
+    Same parameters and state-dict keys as ``nn.Linear``; on CPUs the bias goes inside the GEMM.
     """
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        if self.bias is None or not _cpu_fp32(x) or self.weight.dtype != paddle.float32:
-            return F.linear(x, self.weight, self.bias)
-        return addmm_linear(x, self.weight, self.bias)
-
-
-def addmm_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
-    """``F.linear(x, weight, bias)`` on the CPU fast path (float32 ``x`` of any rank).
-
-    Also used when a static graph is built on a CPU (an export): Paddle Inference then runs
-    the same ``addmm`` kernel as dynamic mode, which measured faster here than what its own
-    passes make of ``matmul`` + ``add`` (README, Performance).
-    """
-    shape = x.shape
-    x2 = x.reshape([-1, shape[-1]])
-    if not paddle.in_dynamic_mode():
-        y = paddle.addmm(bias, x2, weight)
-        return y.reshape([-1 if d is None or d < 0 else d for d in shape[:-1]] + [weight.shape[-1]])
-    if paddle.is_grad_enabled() and not (x.stop_gradient and weight.stop_gradient and bias.stop_gradient):
-        y = _AddmmLinear.apply(x2, weight, bias)
-    else:
-        y = paddle.addmm(bias, x2, weight)
-    return y.reshape(shape[:-1] + [y.shape[-1]])
-
-
-def _cpu_kernels():
-    """The module running paddlemix's CPU kernels when their library is loaded, else None.
-
-    Paddle's CPU kernels for three element-wise steps of a ViT block run far below memory
-    speed in float32: ``layer_norm`` backward, ``gelu`` forward + backward and the attention
-    ``softmax`` (measurements in ``benchmarks/`` and the README). The operators compute the same math (to float32
-    rounding; the GELU tail is more accurate than Paddle's), so the layers below use them for
-    float32 CPU tensors in dynamic mode. :mod:`paddlemix.kernels` decides: it only loads a
-    library built ahead of time and never compiles, so without one Paddle's kernels stay
-    (after one warning). Static graphs (export) always use Paddle's ops.
-    """
-    from .. import kernels
-
-    if not kernels.available():
-        return None
-    from . import fused_norm
-
-    return fused_norm
+        return dispatch.linear(x, self.weight, self.bias)
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm that computes in float32 and casts back.
+    """LayerNorm whose statistics are float32 whatever the activation dtype.
 
-    Low-precision statistics are the usual source of fp16/bf16 divergence, so the
-    reduction always runs in fp32 whatever the activation dtype. In training mode on a CPU,
-    float32 goes through the fused_ln operator (see :func:`_cpu_kernels`), whose backward is
-    the fast part; its forward alone is slower than Paddle's, so evaluation keeps Paddle's
-    kernel, and training mode (not "grad enabled") decides so that recompute's no-grad first
-    pass matches its replay.
+    Low-precision statistics are the usual source of fp16/bf16 divergence, so fp16/bf16
+    inputs are normalised in float32 and cast back. Which kernel normalises is
+    :func:`paddlemix.kernels.dispatch.layer_norm`'s choice; it depends on training mode
+    (see :mod:`paddlemix.kernels.dispatch`), so the layer passes it.
     """
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -154,16 +65,7 @@ class LayerNorm(nn.LayerNorm):
             b = None if self.bias is None else self.bias.astype("float32")
             y = F.layer_norm(x.astype("float32"), self._normalized_shape, w, b, self._epsilon)
             return y.astype(dtype)
-        if (
-            self.weight is not None
-            and self.bias is not None
-            and self.training
-            and _cpu_eager_fp32(x)
-        ):
-            ops = _cpu_kernels()
-            if ops is not None:
-                return ops.fused_ln(x, None, self.weight, self.bias, self._epsilon)[0]
-        return F.layer_norm(x, self._normalized_shape, self.weight, self.bias, self._epsilon)
+        return dispatch.layer_norm(x, self._normalized_shape, self.weight, self.bias, self._epsilon, self.training)
 
 
 class RMSNorm(nn.Layer):
@@ -189,23 +91,15 @@ class QuickGELU(nn.Layer):
 
 
 class GELU(nn.Layer):
-    """Exact (erf) GELU; float32 on the CPU in dynamic mode runs the external_ops kernel."""
+    """Exact (erf) GELU, by the kernel :func:`paddlemix.kernels.dispatch.gelu` chooses."""
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        if _cpu_eager_fp32(x):
-            ops = _cpu_kernels()
-            if ops is not None:
-                return ops.cpu_gelu(x)
-        return F.gelu(x)
+        return dispatch.gelu(x)
 
 
 def softmax_last_axis(x: paddle.Tensor) -> paddle.Tensor:
-    """``F.softmax(x, axis=-1)``; float32 on the CPU in dynamic mode runs the external_ops kernel."""
-    if _cpu_eager_fp32(x):
-        ops = _cpu_kernels()
-        if ops is not None:
-            return ops.cpu_softmax(x)
-    return F.softmax(x, axis=-1)
+    """``F.softmax(x, axis=-1)``, by the kernel :func:`paddlemix.kernels.dispatch.softmax` chooses."""
+    return dispatch.softmax(x)
 
 
 def get_act_layer(quick_gelu: bool) -> Callable[[], nn.Layer]:
@@ -355,6 +249,7 @@ class Attention(nn.Layer):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         use_fused_attn: bool = True,
+        attn_impl: Optional[str] = None,
     ):
         super().__init__()
         if dim % num_heads != 0:
@@ -367,6 +262,11 @@ class Attention(nn.Layer):
         self.scale = self.head_dim**-0.5
         self.qkv_bias_mode = qkv_bias
         self.use_fused_attn = use_fused_attn
+        if attn_impl is not None and attn_impl not in dispatch.IMPLEMENTATIONS["attention"]:
+            raise ValueError(
+                f"attn_impl must be one of {list(dispatch.IMPLEMENTATIONS['attention'])} or None, got {attn_impl!r}"
+            )
+        self.attn_impl = attn_impl
         self.qkv = Linear(dim, 3 * dim, bias_attr=None if qkv_bias == "qkv" else False)
         if qkv_bias == "qv":
             zeros = nn.initializer.Constant(0.0)
@@ -382,8 +282,8 @@ class Attention(nn.Layer):
             # Through ``self.qkv`` (not F.linear on its weight) so a tensor-parallel qkv layer
             # still runs its own forward (F.linear with a bias is the same matmul and add).
             bias = paddle.concat([self.q_bias, paddle.zeros_like(self.q_bias), self.v_bias])
-            if type(self.qkv) is Linear and _cpu_fp32(x):  # the bias inside the GEMM
-                return addmm_linear(x, self.qkv.weight, bias)
+            if type(self.qkv) is Linear and dispatch.choose("linear", x) == "addmm":  # the bias inside the GEMM
+                return dispatch.addmm_linear(x, self.qkv.weight, bias)
             return self.qkv(x) + bias
         return self.qkv(x)
 
@@ -397,52 +297,81 @@ class Attention(nn.Layer):
     ) -> paddle.Tensor:
         B, L, _ = x.shape
         qkv = self._qkv(x).reshape([B, L, 3, self.num_heads, self.head_dim])
-        if self.use_fused_attn and _cpu_fp32(qkv):
-            x = self._attend_cpu(qkv, attn_mask, rope, rope_index, num_prefix_tokens)
-            return self.proj_drop(self.proj(self.norm(x.reshape([B, L, self.num_heads * self.head_dim]))))
-        q, k, v = qkv.unbind(axis=2)  # each [B, L, H, D]
-        if rope is not None:
-            q = rope.rotate(q, rope_index, num_prefix_tokens)
-            k = rope.rotate(k, rope_index, num_prefix_tokens)
-        x = self._attend(q, k, v, attn_mask)
+        impl = dispatch.choose("attention", qkv, impl=self.attn_impl, fused_attn=self.use_fused_attn)
+        dropout = self.attn_drop if self.training else 0.0
+        x = ATTENTION_FUNCTIONS[impl](
+            qkv, attn_mask, rope, rope_index, num_prefix_tokens, self.scale, dropout, self.training
+        )
         # Heads x head width, not C: under tensor parallelism this rank holds only some heads.
         x = self.norm(x.reshape([B, L, self.num_heads * self.head_dim]))
         return self.proj_drop(self.proj(x))
 
-    def _attend_cpu(self, qkv, attn_mask, rope, rope_index, num_prefix_tokens: int) -> paddle.Tensor:
-        """Attention on the CPU, ``qkv`` [B, L, 3, H, D] -> [B, L, H, D].
 
-        The math of ``scaled_dot_product_attention``'s CPU (math) backend, with the same
-        results, but with every layout change done by ``einsum``, which writes a contiguous
-        copy: the strided views the SDPA path makes (unbind, transpose) are each copied again
-        by Paddle's generic strided-copy kernel inside the next op, which is much slower than the
-        transpose kernel einsum uses and dominated the attention time.
-        """
-        if rope is None or (rope_index is None and _rope_fits(rope, qkv.shape[1] - num_prefix_tokens)):
-            qkv = paddle.einsum("blthd->tbhld", qkv)  # [3, B, H, L, D]
-            q, k, v = qkv.unbind(0)  # not qkv[i]: each slice's backward writes a full-size zero tensor
-            if rope is not None:
-                q, k = _rotate_all_tokens(rope, q, k, num_prefix_tokens)
-        else:
-            q, k, v = paddle.einsum("blthd->tblhd", qkv).unbind(0)  # RoPE rotates along the token axis 1
-            q = rope.rotate(q, rope_index, num_prefix_tokens)
-            k = rope.rotate(k, rope_index, num_prefix_tokens)
-            q, k, v = (paddle.einsum("blhd->bhld", t) for t in (q, k, v))
-        attn = paddle.matmul(q * self.scale, k, transpose_y=True)
-        if attn_mask is not None:
-            attn = attn + attn_mask.astype(attn.dtype)
-        attn = softmax_last_axis(attn)
-        if self.training and self.attn_drop > 0:
-            attn = F.dropout(attn, self.attn_drop, training=True, mode="upscale_in_train")
-        return paddle.einsum("bhld->blhd", paddle.matmul(attn, v))
+def _split_heads(qkv, rope, rope_index, num_prefix_tokens: int):
+    """``qkv`` [B, L, 3, H, D] -> q, k, v each [B, L, H, D], q and k rotated by ``rope``."""
+    q, k, v = qkv.unbind(axis=2)
+    if rope is not None:
+        q = rope.rotate(q, rope_index, num_prefix_tokens)
+        k = rope.rotate(k, rope_index, num_prefix_tokens)
+    return q, k, v
 
-    def _attend(self, q, k, v, attn_mask):
-        dropout = self.attn_drop if self.training else 0.0
-        if attn_mask is not None and attn_mask.dtype != q.dtype:
-            attn_mask = attn_mask.astype(q.dtype)
-        if self.use_fused_attn:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, training=self.training)
-        return attention_reference(q, k, v, attn_mask, self.scale, dropout, self.training)
+
+def sdpa_attention(
+    qkv, attn_mask, rope, rope_index, num_prefix_tokens: int, scale: float, dropout: float, training: bool
+):
+    """Paddle's ``scaled_dot_product_attention`` (flash attention on GPUs), [B, L, H, D] out."""
+    q, k, v = _split_heads(qkv, rope, rope_index, num_prefix_tokens)
+    if attn_mask is not None and attn_mask.dtype != q.dtype:
+        attn_mask = attn_mask.astype(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, training=training)
+
+
+def math_attention(
+    qkv, attn_mask, rope, rope_index, num_prefix_tokens: int, scale: float, dropout: float, training: bool
+):
+    """:func:`attention_reference` (softmax in float32), [B, L, H, D] out."""
+    q, k, v = _split_heads(qkv, rope, rope_index, num_prefix_tokens)
+    if attn_mask is not None and attn_mask.dtype != q.dtype:
+        attn_mask = attn_mask.astype(q.dtype)
+    return attention_reference(q, k, v, attn_mask, scale, dropout, training)
+
+
+def cpu_einsum_attention(
+    qkv, attn_mask, rope, rope_index, num_prefix_tokens: int, scale: float, dropout: float, training: bool
+):
+    """Attention for float32 on a CPU, ``qkv`` [B, L, 3, H, D] -> [B, L, H, D].
+
+    The math of ``scaled_dot_product_attention``'s CPU (math) backend, with the same
+    results, but with every layout change done by ``einsum``, which writes a contiguous
+    copy: the strided views the SDPA path makes (unbind, transpose) are each copied again
+    by Paddle's generic strided-copy kernel inside the next op, which is much slower than the
+    transpose kernel einsum uses and dominated the attention time.
+    """
+    if rope is None or (rope_index is None and _rope_fits(rope, qkv.shape[1] - num_prefix_tokens)):
+        qkv = paddle.einsum("blthd->tbhld", qkv)  # [3, B, H, L, D]
+        q, k, v = qkv.unbind(0)  # not qkv[i]: each slice's backward writes a full-size zero tensor
+        if rope is not None:
+            q, k = _rotate_all_tokens(rope, q, k, num_prefix_tokens)
+    else:
+        q, k, v = paddle.einsum("blthd->tblhd", qkv).unbind(0)  # RoPE rotates along the token axis 1
+        q = rope.rotate(q, rope_index, num_prefix_tokens)
+        k = rope.rotate(k, rope_index, num_prefix_tokens)
+        q, k, v = (paddle.einsum("blhd->bhld", t) for t in (q, k, v))
+    attn = paddle.matmul(q * scale, k, transpose_y=True)
+    if attn_mask is not None:
+        attn = attn + attn_mask.astype(attn.dtype)
+    attn = softmax_last_axis(attn)
+    if dropout > 0:
+        attn = F.dropout(attn, dropout, training=True, mode="upscale_in_train")
+    return paddle.einsum("bhld->blhd", paddle.matmul(attn, v))
+
+
+# The attention implementations by the names :func:`paddlemix.kernels.dispatch.choose` returns.
+ATTENTION_FUNCTIONS: Dict[str, Callable[..., paddle.Tensor]] = {
+    "cpu_einsum": cpu_einsum_attention,
+    "sdpa": sdpa_attention,
+    "math": math_attention,
+}
 
 
 @functools.lru_cache(maxsize=None)

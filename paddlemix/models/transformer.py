@@ -12,6 +12,7 @@ import paddle
 import paddle.nn as nn
 from paddle.distributed.fleet.utils import recompute
 
+from ..kernels import dispatch
 from .layers import (
     Attention,
     AttentionalPooler,
@@ -22,7 +23,6 @@ from .layers import (
     Mlp,
     PatchDropout,
     SwiGLU,
-    _cpu_eager_fp32,
     sincos_2d_pos_embed,
 )
 
@@ -331,7 +331,7 @@ class VisionTransformer(nn.Layer):
 
         Returns the tokens and the kept patch indices (``None`` when every patch is kept).
         """
-        if _cpu_eager_fp32(x) and self.patch_embed.weight.dtype == paddle.float32:
+        if dispatch.choose("patch_embed", x, params_fp32=self.patch_embed.weight.dtype == paddle.float32) == "matmul":
             x = self._patchify_matmul(x)
         else:
             x = self.patch_embed(x).flatten(2).transpose([0, 2, 1])  # [B, C, gh, gw] -> [B, N, C]

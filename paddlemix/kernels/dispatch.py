@@ -1,0 +1,218 @@
+"""The one place that decides *how* each step of a model is computed.
+
+Layers in :mod:`paddlemix.models` say *what* they compute (a linear map, attention, GELU, a
+LayerNorm, a softmax, the patch embedding) and call :func:`choose` for the implementation, the
+way HF's CLIP picks an attention function from a registry and timm asks ``use_fused_attn()``.
+:func:`choose` names one of :data:`IMPLEMENTATIONS` from four facts only: the tensor's place,
+its dtype, whether a dynamic or a static graph is running, and whether paddlemix's kernel
+library is loaded (:func:`paddlemix.kernels.available`). A caller may name an implementation
+explicitly (``impl=``); nothing is read from the environment.
+
+The rules, and why:
+
+- ``linear``: ``"addmm"`` for float32 on a CPU, in dynamic mode and in a static graph built on a
+  CPU (an export there). Paddle's CPU ``linear`` is a GEMM followed by a separate broadcast add
+  that writes and re-reads the output; ``addmm`` hands the bias to the BLAS call, and in dynamic
+  mode :class:`_AddmmLinear` gives it a backward of three BLAS calls. Otherwise ``"paddle"``.
+- ``attention``: ``"cpu_einsum"`` for float32 on a CPU (dynamic, or a static graph built on a
+  CPU, where it is also the faster graph for Paddle Inference); ``"sdpa"``
+  (``scaled_dot_product_attention``, flash attention on GPUs) elsewhere; ``"math"`` (the plain
+  reference) when the layer was built with ``use_fused_attn=False``.
+- ``gelu``, ``softmax``: ``"paddlemix"`` (the library's operators) for float32 CPU tensors in
+  dynamic mode when the library is loaded; Paddle's kernels run far below memory speed there.
+- ``layer_norm``: as ``gelu``, and only in training mode: the fused operator's backward is the
+  fast part while its forward alone is slower than Paddle's. Training mode, not "grad enabled",
+  decides, so that recompute's no-grad first pass matches its replay.
+- ``patch_embed``: ``"matmul"`` (the stride-equals-kernel convolution as one GEMM over patches)
+  for float32 input and weight on a CPU in dynamic mode, ``"conv"`` otherwise.
+- ``fused_norm`` (the ``fusedLN`` layers of :mod:`paddlemix.models.fused_norm`, which decide at
+  construction whether the library is required): ``"paddlemix"`` for the inputs the operator
+  covers (float32/float16/bfloat16 on a CPU, or on a GPU with a CUDA Paddle and rows of at most
+  8192), ``"reference"`` (the plain math) otherwise; that is a property of the input, not the build.
+
+Every implementation computes the same numbers as Paddle's (bit for bit, or to float32 rounding
+for the library's operators; tests hold both). Static graphs keep Paddle's element-wise ops,
+which the inference passes fuse themselves.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import paddle
+import paddle.nn.functional as F
+from paddle.autograd import PyLayer
+
+from . import available, status
+
+__all__ = ["IMPLEMENTATIONS", "addmm_linear", "choose", "gelu", "layer_norm", "linear", "softmax"]
+
+IMPLEMENTATIONS: Dict[str, Tuple[str, ...]] = {
+    "linear": ("addmm", "paddle"),
+    "attention": ("cpu_einsum", "sdpa", "math"),
+    "gelu": ("paddlemix", "paddle"),
+    "layer_norm": ("paddlemix", "paddle"),
+    "softmax": ("paddlemix", "paddle"),
+    "patch_embed": ("matmul", "conv"),
+    "fused_norm": ("paddlemix", "reference"),
+}
+
+_FUSED_NORM_DTYPES = (paddle.float32, paddle.float16, paddle.bfloat16)
+_CUDA_MAX_COLS = 8192  # csrc fused_ln_cuda.cuh: kMaxCols
+
+
+def _on_cpu(x: paddle.Tensor) -> bool:
+    """The tensor is on a CPU; in a static graph, the graph is being built for a CPU."""
+    if paddle.in_dynamic_mode():
+        return x.place.is_cpu_place()
+    return paddle.framework._current_expected_place_().is_cpu_place()
+
+
+def _eager_cpu_fp32(x: paddle.Tensor) -> bool:
+    return paddle.in_dynamic_mode() and x.dtype == paddle.float32 and x.place.is_cpu_place()
+
+
+def _fused_norm_handles(x: paddle.Tensor) -> bool:
+    if x.dtype not in _FUSED_NORM_DTYPES or x.ndim == 0:
+        return False
+    place = x.place
+    if place.is_cpu_place():
+        return True
+    return place.is_gpu_place() and paddle.is_compiled_with_cuda() and x.shape[-1] <= _CUDA_MAX_COLS
+
+
+def choose(
+    op: str,
+    x: paddle.Tensor,
+    *,
+    impl: Optional[str] = None,
+    params_fp32: bool = True,
+    training: bool = False,
+    fused_attn: bool = True,
+) -> str:
+    """The implementation of ``op`` (a key of :data:`IMPLEMENTATIONS`) for input ``x``.
+
+    ``params_fp32``: the layer's parameters are float32 (and present where the fast path needs
+    them); ``training``: the layer is in training mode; ``fused_attn``: the attention layer may
+    use a fused formulation. ``impl`` names the implementation instead of choosing one.
+    """
+    choices = IMPLEMENTATIONS.get(op)
+    if choices is None:
+        raise ValueError(f"unknown operation {op!r}; expected one of {sorted(IMPLEMENTATIONS)}")
+    if impl is not None:
+        if impl not in choices:
+            raise ValueError(f"unknown {op} implementation {impl!r}; expected one of {list(choices)}")
+        if impl == "paddlemix" and not status().available:
+            raise ValueError(
+                f"{op} implementation 'paddlemix' needs the kernel library ({status().detail}); "
+                "build it with `python -m paddlemix.kernels build` or pass impl=None"
+            )
+        return impl
+    if op == "linear":
+        return "addmm" if params_fp32 and x.dtype == paddle.float32 and _on_cpu(x) else "paddle"
+    if op == "attention":
+        if not fused_attn:
+            return "math"
+        return "cpu_einsum" if x.dtype == paddle.float32 and _on_cpu(x) else "sdpa"
+    if op == "patch_embed":
+        return "matmul" if params_fp32 and _eager_cpu_fp32(x) else "conv"
+    if op == "fused_norm":  # the layer decided at construction that the library is used
+        return "paddlemix" if _fused_norm_handles(x) else "reference"
+    if op == "layer_norm" and not (training and params_fp32):
+        return "paddle"
+    # gelu, softmax, layer_norm: the library's operators, when it is loaded (else one warning)
+    return "paddlemix" if _eager_cpu_fp32(x) and available() else "paddle"
+
+
+# ----------------------------------------------------------------------------- implementations
+
+
+def _run_custom_op(name: str, *args):
+    return paddle._C_ops._run_custom_op(name, *args)
+
+
+def run_fused_ln(x, residual, weight, bias, epsilon: float, rms_norm: bool, portable: bool = False):
+    """The library's ``fused_ln`` operator: ``(y, residual_out, mean, rstd)``; the caller checked it is loaded."""
+    return tuple(_run_custom_op("fused_ln", x, residual, weight, bias, float(epsilon), bool(rms_norm), bool(portable)))
+
+
+def run_cpu_gelu(x: paddle.Tensor) -> paddle.Tensor:
+    """The library's exact-GELU operator (float32 CPU tensors, differentiable)."""
+    return _run_custom_op("cpu_gelu", x)[0]
+
+
+def run_cpu_softmax(x: paddle.Tensor) -> paddle.Tensor:
+    """The library's last-axis softmax operator (float32 CPU tensors, differentiable)."""
+    return _run_custom_op("cpu_softmax", x)[0]
+
+
+class _AddmmLinear(PyLayer):
+    """``x @ w + b`` for 2-D ``x`` with a backward of three BLAS calls.
+
+    Paddle's own ``addmm`` backward reduces the bias gradient with a column ``sum`` that runs
+    at a fraction of memory speed on CPUs, while the same sum as ``ones @ dy`` is one BLAS call.
+    Same numbers: the gradients are bit-identical to ``addmm``'s (tested).
+    """
+
+    @staticmethod
+    def forward(ctx, x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.needs = (not x.stop_gradient, not weight.stop_gradient, not bias.stop_gradient)
+        return paddle.addmm(bias, x, weight)
+
+    @staticmethod
+    def backward(ctx, dy: paddle.Tensor):
+        x, weight = ctx.saved_tensor()
+        need_x, need_w, need_b = ctx.needs
+        dx = paddle.matmul(dy, weight, transpose_y=True) if need_x else None
+        dw = paddle.matmul(x, dy, transpose_x=True) if need_w else None
+        db = paddle.matmul(paddle.ones([1, dy.shape[0]], dy.dtype), dy).reshape([-1]) if need_b else None
+        return dx, dw, db
+
+
+def addmm_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
+    """``F.linear(x, weight, bias)`` as ``addmm`` (float32 ``x`` of any rank).
+
+    In a static graph built on a CPU (an export), Paddle Inference then runs the same ``addmm``
+    kernel as dynamic mode, which measured faster than what its own passes make of
+    ``matmul`` + ``add`` (README, Performance).
+    """
+    shape = x.shape
+    x2 = x.reshape([-1, shape[-1]])
+    if not paddle.in_dynamic_mode():
+        y = paddle.addmm(bias, x2, weight)
+        return y.reshape([-1 if d is None or d < 0 else d for d in shape[:-1]] + [weight.shape[-1]])
+    if paddle.is_grad_enabled() and not (x.stop_gradient and weight.stop_gradient and bias.stop_gradient):
+        y = _AddmmLinear.apply(x2, weight, bias)
+    else:
+        y = paddle.addmm(bias, x2, weight)
+    return y.reshape(shape[:-1] + [y.shape[-1]])
+
+
+def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor], impl: Optional[str] = None):
+    """``x @ weight + bias`` by the implementation :func:`choose` names (``addmm`` needs a bias)."""
+    fp32 = bias is not None and weight.dtype == paddle.float32
+    if choose("linear", x, impl=impl, params_fp32=fp32) == "addmm":
+        return addmm_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def gelu(x: paddle.Tensor, impl: Optional[str] = None) -> paddle.Tensor:
+    """Exact (erf) GELU."""
+    if choose("gelu", x, impl=impl) == "paddlemix":
+        return run_cpu_gelu(x)
+    return F.gelu(x)
+
+
+def softmax(x: paddle.Tensor, impl: Optional[str] = None) -> paddle.Tensor:
+    """Softmax over the last axis."""
+    if choose("softmax", x, impl=impl) == "paddlemix":
+        return run_cpu_softmax(x)
+    return F.softmax(x, axis=-1)
+
+
+def layer_norm(x, normalized_shape, weight, bias, epsilon: float, training: bool = False, impl: Optional[str] = None):
+    """LayerNorm of the input's dtype (the caller upcasts low precision)."""
+    has_affine = weight is not None and bias is not None
+    if choose("layer_norm", x, impl=impl, training=training, params_fp32=has_affine) == "paddlemix":
+        return run_fused_ln(x, None, weight, bias, epsilon, False)[0]
+    return F.layer_norm(x, normalized_shape, weight, bias, epsilon)

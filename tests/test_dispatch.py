@@ -1,0 +1,116 @@
+"""paddlemix.kernels.dispatch: the one place that picks each layer's implementation."""
+import numpy as np
+import paddle
+import pytest
+
+from paddlemix.kernels import dispatch
+from paddlemix.models.layers import ATTENTION_FUNCTIONS, Attention
+
+
+def _x(dtype="float32"):
+    return paddle.randn([2, 3, 8]).astype(dtype)
+
+
+def test_eager_cpu_float32_takes_the_cpu_implementations():
+    x = _x()
+    assert paddle.in_dynamic_mode() and x.place.is_cpu_place()
+    assert dispatch.choose("linear", x) == "addmm"
+    assert dispatch.choose("linear", x, params_fp32=False) == "paddle"
+    assert dispatch.choose("attention", x) == "cpu_einsum"
+    assert dispatch.choose("attention", x, fused_attn=False) == "math"
+    assert dispatch.choose("patch_embed", x) == "matmul"
+    kernels_on = dispatch.status().available
+    expected = "paddlemix" if kernels_on else "paddle"
+    assert dispatch.choose("gelu", x) == expected
+    assert dispatch.choose("softmax", x) == expected
+    assert dispatch.choose("layer_norm", x, training=True) == expected
+    assert dispatch.choose("layer_norm", x, training=False) == "paddle"  # the op's forward alone is slower
+    assert dispatch.choose("fused_norm", x) == "paddlemix"
+
+
+def test_other_dtypes_keep_paddles_kernels():
+    x = _x("float16")
+    assert dispatch.choose("linear", x) == "paddle"
+    assert dispatch.choose("attention", x) == "sdpa"
+    assert dispatch.choose("patch_embed", x) == "conv"
+    for op in ("gelu", "softmax"):
+        assert dispatch.choose(op, x) == "paddle"
+    assert dispatch.choose("layer_norm", x, training=True) == "paddle"
+    assert dispatch.choose("fused_norm", x) == "paddlemix"  # computed in float32 inside the op
+    assert dispatch.choose("fused_norm", _x("float64")) == "reference"
+
+
+def test_static_graph_built_on_cpu_keeps_addmm_and_einsum_attention_only():
+    paddle.enable_static()
+    try:
+        with paddle.static.program_guard(paddle.static.Program(), paddle.static.Program()):
+            x = paddle.static.data("x", [-1, 3, 8], "float32")
+            assert dispatch.choose("linear", x) == "addmm"
+            assert dispatch.choose("attention", x) == "cpu_einsum"
+            for op in ("gelu", "softmax", "patch_embed"):
+                assert dispatch.choose(op, x) in ("paddle", "conv")
+            assert dispatch.choose("layer_norm", x, training=True) == "paddle"
+    finally:
+        paddle.disable_static()
+
+
+def test_explicit_implementation_overrides_and_bad_names_fail():
+    x = _x()
+    assert dispatch.choose("linear", x, impl="paddle") == "paddle"
+    assert dispatch.choose("attention", x, impl="math") == "math"
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        dispatch.choose("attention", x, impl="flash")
+    with pytest.raises(ValueError, match="unknown operation 'conv3d'"):
+        dispatch.choose("conv3d", x)
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        Attention(8, 2, attn_impl="flash")
+    assert set(ATTENTION_FUNCTIONS) == set(dispatch.IMPLEMENTATIONS["attention"])
+
+
+def test_linear_implementations_agree():
+    paddle.seed(0)
+    x, w, b = paddle.randn([4, 5, 8]), paddle.randn([8, 6]), paddle.randn([6])
+    ref = paddle.nn.functional.linear(x, w, b).numpy()
+    np.testing.assert_array_equal(dispatch.linear(x, w, b, impl="paddle").numpy(), ref)
+    np.testing.assert_allclose(dispatch.linear(x, w, b).numpy(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_attention_implementations_agree(mask):
+    paddle.seed(0)
+    x = paddle.randn([2, 5, 16])
+    m = paddle.triu(paddle.full([5, 5], float("-inf")), 1) if mask else None
+    outs = {}
+    for impl in dispatch.IMPLEMENTATIONS["attention"]:
+        paddle.seed(1)
+        layer = Attention(16, 4, attn_impl=impl)
+        layer.eval()
+        outs[impl] = layer(x, attn_mask=m).numpy()
+    np.testing.assert_allclose(outs["cpu_einsum"], outs["math"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs["sdpa"], outs["math"], rtol=1e-5, atol=1e-6)
+
+
+def test_chosen_attention_is_the_registered_function_bit_for_bit():
+    paddle.seed(0)
+    x = paddle.randn([2, 5, 16])
+    layer = Attention(16, 4)
+    layer.eval()
+    auto = layer(x).numpy()
+    layer.attn_impl = "cpu_einsum"
+    np.testing.assert_array_equal(layer(x).numpy(), auto)
+
+
+def test_model_code_asks_dispatch_instead_of_testing_places():
+    """Layers say what they compute; the place/mode tests and raw operator calls live in kernels.dispatch."""
+    from pathlib import Path
+
+    import paddlemix.models
+
+    forbidden = ("is_cpu_place", "is_gpu_place", "_current_expected_place_", "_run_custom_op", "is_compiled_with_cuda")
+    offenders = [
+        f"{path.name}: {word}"
+        for path in Path(paddlemix.models.__file__).parent.rglob("*.py")
+        for word in forbidden
+        if word in path.read_text(encoding="utf-8")
+    ]
+    assert not offenders, offenders

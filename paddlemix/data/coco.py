@@ -24,11 +24,11 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
-from ..zoo.download import (  # the zoo's lock and sidecar naming, so datasets follow the same rules
+from .._util import exclusive_lock
+from ..zoo.download import (  # the zoo's sidecar naming, so datasets follow the same rules
     ENV_HOME,
     ENV_OFFLINE,
     DownloadError,
-    _exclusive_lock,
     _sidecar,
     cache_dir,
     download_file,
@@ -122,7 +122,7 @@ def coco_karpathy_root(
         reason = "offline=True" if offline else f"offline mode is on (${ENV_OFFLINE})"
         raise FileNotFoundError(_place_it_message(target, reason))
     datasets.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(datasets / f"{_FOLDER}.lock", str(target)):
+    with exclusive_lock(datasets / f"{_FOLDER}.lock", f"downloading and extracting {target}"):
         if _complete(target):  # another rank finished while this one waited
             return target
         archive = datasets / f"{_FOLDER}.tar"

@@ -33,7 +33,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, ContextManager, Optional, Tuple
+from typing import BinaryIO, Optional, Tuple
 
 from tqdm import tqdm
 
@@ -435,11 +435,6 @@ def _transfer(source: str, part: Path, retries: int, backoff: float, timeout: fl
             time.sleep(delay)
 
 
-def _exclusive_lock(lock_path: Path, what: str) -> ContextManager[None]:
-    """The inter-process lock that makes one process download ``what`` while the others wait."""
-    return exclusive_lock(lock_path, f"downloading {what}")
-
-
 def download_file(
     url: str,
     dest: os.PathLike,
@@ -479,7 +474,7 @@ def download_file(
     except FileNotFoundError:
         pass  # not cached, or deleted as corrupt by a process holding the lock
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(_sidecar(dest, ".lock"), dest.name):
+    with exclusive_lock(_sidecar(dest, ".lock"), f"downloading {dest.name}"):
         # Whoever held the lock before us may have fetched the file meanwhile.
         if dest.is_file():
             problem = _cached_file_problem(dest, sha256, expected_size)

@@ -26,14 +26,14 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import paddle
 
+from .._util import exclusive_lock
 from ..errors import PaddleMIXError
 from ..models.config import CLIPConfig
 from ..models.transformer import TextTransformer, VisionTransformer
 from .checkpoint import iter_checkpoint_shards
 from .convert import ConversionError, convert_state_dict, detect_layout, hf_config_to_model_cfg
-from .download import (  # _exclusive_lock: the download layer's flock, reused so conversion follows the same rules
+from .download import (
     DownloadError,
-    _exclusive_lock,
     cache_dir as default_cache_root,
     download_file,
     fetch,
@@ -409,7 +409,7 @@ def resolve_pretrained(
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # Every rank of a distributed job may ask at once: one converts, the others wait and reuse it.
-    with _exclusive_lock(out.with_name(out.name + ".lock"), entry.name):
+    with exclusive_lock(out.with_name(out.name + ".lock"), f"converting {entry.name}"):
         problem = manifest_problem(out)
         if problem is None:
             return out
@@ -487,7 +487,7 @@ def _convert_legacy_dir(path: Path, raw: Dict[str, Any]) -> Path:
     stamp = {"path": str(weights.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model_cfg": cfg_key}
     out = _legacy_dir_target(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(out.with_name(out.name + ".lock"), str(path)):
+    with exclusive_lock(out.with_name(out.name + ".lock"), f"converting {path}"):
         if manifest_problem(out) is None:
             recorded = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8")).get("source", {})
             if all(recorded.get(k) == v for k, v in stamp.items()):

@@ -20,6 +20,8 @@ __all__ = ["TrainCurvesCallback", "VisualDLCallback", "install_reporting", "trai
 
 # The scalars VisualDL's hyper-parameter view lines up against each run (tags as the callback writes them).
 HPARAM_METRICS = ["train/loss", "eval/acc1", "eval/acc5"]
+# Every logged step, one JSON object a line, in the output directory (written by the Trainer).
+TRAIN_LOG_NAME = "train_log.jsonl"
 
 
 def training_scalars(model, skip_counters: Iterable[Any] = ()) -> Dict[str, float]:
@@ -57,9 +59,7 @@ def visualdl_hparams(args) -> Dict[str, Any]:
     for key, value in args.to_sanitized_dict().items():
         if value is None:
             continue
-        if isinstance(value, bool):
-            value = str(value)
-        elif not isinstance(value, (int, float, str)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             value = str(value)
         clean[key] = value
     return clean
@@ -91,7 +91,7 @@ def write_train_curves(output_dir: str):
     """``OUTPUT_DIR/train_curves.png`` from ``OUTPUT_DIR/train_log.jsonl``; None when there is no log yet."""
     from ..eval.plots import plot_train_curves
 
-    log = os.path.join(output_dir, "train_log.jsonl")
+    log = os.path.join(output_dir, TRAIN_LOG_NAME)
     if not os.path.isfile(log):
         return None
     path = plot_train_curves(log, os.path.join(output_dir, "train_curves.png"))

@@ -25,7 +25,7 @@ from .checkpointing import staged_checkpoint
 from .loader import TrainDataLoader
 from .loss import ClipLoss, SigLipLoss
 from .optim import build_optimizer, cosine_with_warmup
-from .reporting import install_reporting, training_scalars
+from .reporting import TRAIN_LOG_NAME, install_reporting, training_scalars
 from .settings import check_data_args, check_training_args
 
 logger = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ class CLIPTrainer(Trainer):
 
     @property
     def train_log_path(self) -> str:
-        return os.path.join(self.args.output_dir, "train_log.jsonl")
+        return os.path.join(self.args.output_dir, TRAIN_LOG_NAME)
 
     @property
     def clip_model(self):

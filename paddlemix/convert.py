@@ -32,9 +32,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
+
 from .errors import PaddleMIXError
-from .zoo.checkpoint import iter_checkpoint_shards
-from .zoo.export import DTYPES, parse_size, read_manifest, source_check, write_model_dir
+from .zoo.checkpoint import iter_checkpoint_shards, load_state_dict
+from .zoo.convert import _bf16_bits_as_float32, convert_state_dict
+from .zoo.export import DTYPES, convert_weights, parse_size, read_manifest, source_check, write_model_dir
+from .zoo.legacy import LEGACY_WEIGHTS_NAME, paddlemix_differences, write_paddlemix_dir
 from .zoo.pretrained import model_config
 
 logger = logging.getLogger("paddlemix.convert")
@@ -115,13 +119,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _to_paddlemix(src: Path, out: Path, cfg: Dict[str, Any], dtype: str, layout: Optional[str], overwrite: bool) -> int:
     """Write PaddleMIX's layout, then read it back through the PaddleMIX converter: it must give the same bits."""
-    import numpy as np
-
-    from .zoo.checkpoint import load_state_dict
-    from .zoo.convert import _bf16_bits_as_float32, convert_state_dict
-    from .zoo.export import convert_weights
-    from .zoo.legacy import LEGACY_WEIGHTS_NAME, paddlemix_differences, write_paddlemix_dir
-
     start = time.perf_counter()
     try:
         tensors, _, layout = convert_weights(iter_checkpoint_shards(src), cfg, dtype, layout, str(src))

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import paddle
+
 from ..models.clip_model import CLIP
+from .legacy import write_paddlemix_dir
 from .loading import load_checkpoint
 from .pretrained import resolve_model_dir
 
@@ -17,9 +20,13 @@ def load_pretrained_model(cls, pretrained_model_name_or_path, *args, dtype: Opti
     if args or kwargs:
         raise TypeError(f"unsupported from_pretrained arguments: {args} {sorted(kwargs)}")
     path = resolve_model_dir(pretrained_model_name_or_path)
-    model = cls(cls.config_class.from_pretrained(str(path)))
-    load_checkpoint(model, path)
-    if dtype is not None:
+    config = cls.config_class.from_pretrained(str(path))
+    # As create_model does: the strict loader fills every parameter, so the model is built
+    # without random init and each tensor is cast on its way in.
+    with paddle.LazyGuard():
+        model = cls(config)
+    load_checkpoint(model, path, dtype=dtype, progress=None)
+    if dtype is not None:  # buffers outside the state dict
         model.to(dtype=dtype)
     model.eval()
     return model
@@ -27,8 +34,6 @@ def load_pretrained_model(cls, pretrained_model_name_or_path, *args, dtype: Opti
 
 def save_paddlemix_layout(model: CLIP, save_dir) -> object:
     """``save_pretrained(dir, layout="paddlemix")``: PaddleMIX's ``config.json`` schema + ``model_state.pdparams``."""
-    from .legacy import write_paddlemix_dir
-
     state = {name: t.numpy() for name, t in model.state_dict().items()}
     return write_paddlemix_dir(state, model.config.to_model_cfg(), save_dir, overwrite=True)
 

@@ -100,6 +100,21 @@ def test_gelu_kernel_matches_erf_gelu_and_its_gradient():
     np.testing.assert_allclose(_grads(fast, [x], dy)[0], _grads(ref, [x], dy)[0], rtol=2e-6, atol=2e-6)
 
 
+def test_gelu_kernel_lanes_equal_its_scalar_tail():
+    """Each element gets the same bits whether a vector lane (AVX2 or AVX-512) or the scalar
+    tail computes it: shifting the input by one element moves every value to another lane."""
+    from paddlemix.kernels import dispatch
+
+    rng = np.random.default_rng(5)
+    values = np.concatenate([4 * rng.standard_normal(1000), np.linspace(-20, 20, 123)]).astype("float32")
+    with paddle.no_grad():
+        ys = [dispatch.gelu(paddle.to_tensor(values[k:])).numpy() for k in range(17)]
+        for k in range(1, 17):
+            np.testing.assert_array_equal(ys[k], ys[0][k:])
+        one = [dispatch.gelu(paddle.to_tensor(values[i : i + 1])).numpy()[0] for i in range(0, len(values), 37)]
+    np.testing.assert_array_equal(np.array(one), ys[0][::37])
+
+
 def test_softmax_kernel_matches_paddle_with_masks_and_gradients():
     from paddlemix.models.layers import softmax_last_axis
 

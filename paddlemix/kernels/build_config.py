@@ -23,7 +23,7 @@ KERNEL_DIR = Path(__file__).resolve().parent / "csrc"
 
 CPU_SOURCES = ("fused_ln_op.cc", "fused_ln_cpu.cc", "cpu_act_op.cc")
 CUDA_SOURCES = ("fused_ln_op.cu",)
-HEADERS = ("fused_ln_cpu.h", "fused_ln_cpu_rows.inc", "fused_ln_cuda.cuh")
+HEADERS = ("fused_ln_cpu.h", "fused_ln_cpu_rows.inc", "fused_ln_cuda.cuh", "cpu_act_rows.inc")
 
 # GPU architectures are named explicitly so no GPU is needed at build time:
 # sm_80 (A100 / A800 / RTX 30xx class) and sm_90 (H100 / H200), plus PTX for
@@ -38,8 +38,8 @@ CUDA_ARCH_FLAGS = (
 # for speed); -fopenmp for the row loops. -ffp-contract=off keeps the compiler
 # from fusing a*b - c into one FMA in some places and not others: the backward
 # pass relies on g = dy * w being rounded identically in both of its passes
-# (the kernels spell out the FMAs they want). No -mavx2: the AVX2 kernels are
-# selected by CPUID at run time, so the binary runs on any x86-64.
+# (the kernels spell out the FMAs they want). No -mavx2: the AVX2 and AVX-512 kernels
+# are selected by CPUID at run time, so the binary runs on any x86-64.
 CXX_FLAGS = ("-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-I" + str(KERNEL_DIR))
 NVCC_FLAGS = ("-O3", "-std=c++17", "-I" + str(KERNEL_DIR)) + CUDA_ARCH_FLAGS
 LD_FLAGS = ("-fopenmp",)

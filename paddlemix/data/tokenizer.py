@@ -122,17 +122,25 @@ def _load_merges(bpe_path: str) -> List[Tuple[str, str]]:
     return merges
 
 
-class _WordCachedTokenizer:
-    """What the CLIP BPE and BERT WordPiece tokenizers share: a bounded per-word LRU cache of
-    ``_word_uncached`` (as ``self._word``) that survives pickling, and ``__call__`` as a Paddle
-    tensor of ``batch_encode``. Subclasses set ``cache_size`` and call ``_build_cache()``."""
+class _TensorTokenizer:
+    """What the CLIP BPE and BERT WordPiece tokenizers share: ``__call__`` as a Paddle tensor of
+    ``batch_encode`` (which returns numpy, so data-loader workers never create Paddle tensors)."""
+
+    def batch_encode(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> paddle.Tensor:
+        """Tokenize to an int64 ``paddle.Tensor`` of shape [N, context_length] (N = 1 for a single str)."""
+        return paddle.to_tensor(self.batch_encode(texts, context_length), dtype="int64")
+
+
+class _WordCachedTokenizer(_TensorTokenizer):
+    """A bounded per-word LRU cache of ``_word_uncached`` (as ``self._word``) that survives
+    pickling. Subclasses set ``cache_size`` and call ``_build_cache()``."""
 
     cache_size: int
 
     def _word_uncached(self, word: str) -> Tuple:
-        raise NotImplementedError
-
-    def batch_encode(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> np.ndarray:
         raise NotImplementedError
 
     def _build_cache(self) -> None:
@@ -148,10 +156,6 @@ class _WordCachedTokenizer:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._build_cache()
-
-    def __call__(self, texts: Union[str, Sequence[str]], context_length: Optional[int] = None) -> paddle.Tensor:
-        """Tokenize to an int64 ``paddle.Tensor`` of shape [N, context_length] (N = 1 for a single str)."""
-        return paddle.to_tensor(self.batch_encode(texts, context_length), dtype="int64")
 
 
 class SimpleTokenizer(_WordCachedTokenizer):

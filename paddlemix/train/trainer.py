@@ -19,12 +19,12 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 from paddle.io import DistributedBatchSampler
-from paddlenlp.trainer import Trainer, TrainerCallback, TrainingArguments
+from paddlenlp.trainer import TrainerCallback, TrainingArguments
 
-from .checkpointing import staged_checkpoint
 from .loader import TrainDataLoader
 from .loss import ClipLoss, SigLipLoss
 from .optim import build_optimizer, cosine_with_warmup
+from .paddlenlp_adapter import PaddleNLPTrainerAdapter
 from .reporting import TRAIN_LOG_NAME, install_reporting, training_scalars
 from .settings import check_data_args, check_training_args
 
@@ -200,8 +200,11 @@ class _TrainLogFromStart(TrainerCallback):
             os.replace(tmp, path)
 
 
-class CLIPTrainer(Trainer):
+class CLIPTrainer(PaddleNLPTrainerAdapter):
     """Trainer whose loss is contrastive over the data world and whose eval is zero-shot.
+
+    It overrides only public Trainer methods and the hooks of :class:`PaddleNLPTrainerAdapter`,
+    which holds every use of PaddleNLP's private members.
 
     ``eval_fn(model) -> Dict[str, float]`` runs the zero-shot evaluation; it is called by
     ``evaluate()``, i.e. every ``eval_steps`` with ``--evaluation_strategy steps``, with the
@@ -232,7 +235,7 @@ class CLIPTrainer(Trainer):
             self.add_callback(_SetEpoch(self.train_dataset))
         install_reporting(self)
 
-    def _get_train_sampler(self):
+    def train_batch_sampler(self) -> DistributedBatchSampler:
         """The distributed sampler at every world size, data rank and tensor-parallel degree.
 
         Its order depends only on the epoch and the data-world rank, so one process and a
@@ -257,9 +260,9 @@ class CLIPTrainer(Trainer):
         common = dict(collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
         if isinstance(dataset, paddle.io.IterableDataset):
             return TrainDataLoader(dataset, batch_size=self.args.per_device_train_batch_size, drop_last=True, **common)
-        return TrainDataLoader(dataset, batch_sampler=self._get_train_sampler(), **common)
+        return TrainDataLoader(dataset, batch_sampler=self.train_batch_sampler(), **common)
 
-    def _wrap_model(self, model, training=True):
+    def wrap_model_for_training(self, model, training: bool):
         """Tensor parallelism with the project's own layers (:mod:`paddlemix.train.tensor_parallel`).
 
         fleet's ``TensorParallel`` wrapper broadcasts every batch with a GPU-only op, and the
@@ -271,7 +274,7 @@ class CLIPTrainer(Trainer):
         and clips by a global norm that counts each split parameter once.
         """
         if self.args.tensor_parallel_degree <= 1 or self.args.pipeline_parallel_degree > 1:
-            return super()._wrap_model(model, training)
+            return None  # PaddleNLP's wrapping
         if not training or getattr(self, "_tensor_parallel_ready", False):
             return model
         from paddle.distributed import fleet
@@ -293,10 +296,15 @@ class CLIPTrainer(Trainer):
         model = self.model
         return model._layers if hasattr(model, "_layers") else model
 
-    def _save(self, output_dir: Optional[str] = None, state_dict=None, merge_tensor_parallel=False):
-        """Tensor-parallel runs save one merged checkpoint, loadable at any degree."""
+    def save_model(self, output_dir: Optional[str] = None, merge_tensor_parallel: Optional[bool] = False):
+        """Tensor-parallel runs save one merged checkpoint, loadable at any degree.
+
+        Every model-parallel rank of the first data replica joins the gather; one of them writes.
+        """
         if self.args.tensor_parallel_degree <= 1:
-            return super()._save(output_dir, state_dict=state_dict, merge_tensor_parallel=merge_tensor_parallel)
+            return super().save_model(output_dir, merge_tensor_parallel=merge_tensor_parallel)
+        if not self.args.should_save_model_state:
+            return None
         from paddle.distributed import fleet
 
         from ..zoo.checkpoint import save_safetensors
@@ -311,51 +319,17 @@ class CLIPTrainer(Trainer):
             os.makedirs(output_dir, exist_ok=True)
             model.config.save_pretrained(output_dir)
             save_safetensors({k: np.asarray(v) for k, v in full.items()}, os.path.join(output_dir, "model.safetensors"))
+        return None
 
-    def _load_from_checkpoint(self, resume_from_checkpoint=None):
-        """Resume model weights from the safetensors checkpoints ``CLIP.save_pretrained`` writes.
+    def load_model_weights(self, checkpoint: str) -> bool:
+        """Resume model weights from the safetensors checkpoints ``CLIP.save_pretrained`` writes."""
+        if not os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
+            return False
+        from ..zoo.loading import load_checkpoint
 
-        PaddleNLP's resume reads only ``model_state.pdparams``; optimizer, scheduler and RNG
-        states still come from the Trainer's own files.
-        """
-        ckpt = resume_from_checkpoint
-        if isinstance(ckpt, bool) and ckpt:
-            from paddlenlp.trainer.trainer_utils import get_last_checkpoint
-
-            ckpt = get_last_checkpoint(self.args.output_dir)
-        if isinstance(ckpt, str) and os.path.isfile(os.path.join(ckpt, "model.safetensors")):
-            from ..zoo.loading import load_checkpoint
-
-            load_checkpoint(self.clip_model, ckpt)
-            logger.info("resumed model weights from %s", ckpt)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint)
-
-    def _save_checkpoint(self, model, metrics=None):
-        """PaddleNLP's checkpoint, written into a staging folder and renamed into place when complete.
-
-        A crash or a full disk mid-save must not leave a ``checkpoint-N`` that resumes with
-        missing optimizer state (see :mod:`paddlemix.train.checkpointing`). The Trainer derives
-        every path from ``args.output_dir``, so that is pointed at the staging root meanwhile.
-        """
-        run_dir, signal_dir = self.args.output_dir, self.args.output_signal_dir
-        name = f"checkpoint-{self.state.global_step}"
-        barrier = dist.barrier if self.args.world_size > 1 else (lambda: None)
-        with staged_checkpoint(run_dir, name, publisher=self.args.local_rank <= 0, barrier=barrier) as root:
-            self.args.output_dir = root
-            if signal_dir == run_dir:  # the default; the Trainer also rotates checkpoints there
-                self.args.output_signal_dir = root
-            try:
-                super()._save_checkpoint(model, metrics=metrics)
-            finally:
-                self.args.output_dir, self.args.output_signal_dir = run_dir, signal_dir
-            staged = os.path.join(root, name)
-            if self.state.best_model_checkpoint == staged:
-                self.state.best_model_checkpoint = os.path.join(run_dir, name)
-                if self.args.should_save:
-                    self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
-        if self.args.local_rank <= 0:  # the new checkpoint now counts towards save_total_limit
-            self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+        load_checkpoint(self.clip_model, checkpoint)
+        logger.info("resumed model weights from %s", checkpoint)
+        return True
 
     def compute_loss(self, model, inputs, return_outputs=False):
         out = model(image=inputs["image"], text=inputs["input_ids"])

@@ -7,7 +7,7 @@ whether it transposes, instead of guessing from shapes (square matrices would be
 ambiguous). Split q/k/v projections are fused into the single ``qkv`` matmul.
 
 Conversion is planned from names and shapes alone: every output that needs computing is a
-:class:`~paddlemix.zoo.checkpoint.LazyArray`, so ``convert_state_dict(..., lazy=True)`` over
+:class:`~paddlemix.zoo.formats.lazy.LazyArray`, so ``convert_state_dict(..., lazy=True)`` over
 a memory-mapped checkpoint reads nothing, and a streaming loader pays for one converted
 tensor at a time.
 """
@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ..errors import PaddleMIXError
-from .checkpoint import LazyArray
+from .formats import LazyArray
 
 __all__ = ["detect_layout", "convert_state_dict", "convert_shards", "resize_pos_embed", "hf_config_to_model_cfg", "ConversionError"]
 
@@ -437,7 +437,7 @@ def convert_state_dict(sd: StateDict, layout: Optional[str] = None, *, lazy: boo
     """Map a reference state dict onto paddlemix names and Paddle weight orientation.
 
     ``lazy=True`` returns the plan: values that need computing are
-    :class:`~paddlemix.zoo.checkpoint.LazyArray` (read with ``np.asarray``), so a caller
+    :class:`~paddlemix.zoo.formats.lazy.LazyArray` (read with ``np.asarray``), so a caller
     that streams tensors into a model holds one converted tensor at a time.
     """
     layout = layout or detect_layout(sd)

@@ -6,8 +6,24 @@ keys refused), each entry's dtype, shape and data offsets (in range, matching th
 overlapping), so a hostile or truncated file fails with a :class:`CheckpointError` that names the
 file and the entry.
 
-Writing goes one tensor at a time (a :class:`LazyArray` is read only when its bytes are written)
-to a temporary file that is synced and renamed over the target.
+Why the reading and writing are not the ``safetensors`` library's (installed with PaddleNLP; the
+tests check both directions against it, and that files written here are byte for byte the
+library's): its numpy API cannot give what loading a large model here relies on.
+
+- Reading: ``safe_open(framework="numpy").get_tensor`` returns a copy of every tensor, never a
+  view of the file. With its default mmap backend the file's pages it touched stay resident until
+  the file is closed, and nothing can hand them back (:func:`~.lazy.release` needs the mapping), so
+  streaming a checkpoint bigger than memory grows the process to the checkpoint's size; its
+  ``pread`` backend keeps the memory bound but copies every tensor once more. It cannot read BF16
+  with numpy (``data type 'bfloat16' not understood``), and EVA-CLIP ships bfloat16 weights.
+- Writing: ``serialize_file`` takes pointers to every tensor at once, so a converted multi-GB
+  model would have to exist in memory as a whole; here each tensor (often a :class:`LazyArray`)
+  is read only when its bytes are written. Its numpy writer also stores Fortran-ordered arrays in
+  memory order, which reloads as different values.
+
+What is left by hand is small: ``np.frombuffer`` over the validated offsets, and a writer that
+lays tensors out as the library does (widest dtype first, then by name), writes to a temporary
+file, syncs it and renames it over the target.
 """
 from __future__ import annotations
 
@@ -60,6 +76,8 @@ _NUMPY_TO_SAFETENSORS = {
     np.dtype("uint8"): "U8",
     np.dtype("bool"): "BOOL",
 }
+# The order in which the safetensors library lays tensors out in a file (its dtype enum, widest first).
+_WRITE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8", "BOOL")
 
 
 class _TensorEntry(NamedTuple):
@@ -177,6 +195,7 @@ class _Planned(NamedTuple):
     value: Any  # np.ndarray or LazyArray (read only when written)
     shape: Tuple[int, ...]
     dtype: np.dtype  # as stored (little-endian)
+    code: str  # the safetensors dtype name
 
 
 def _safetensors_payload(
@@ -192,7 +211,6 @@ def _safetensors_payload(
     if unknown_bf16:
         raise file_error(path, f"bfloat16 names {sorted(unknown_bf16)} are not among the tensors")
     planned = []
-    offset = 0
     for name, value in tensors.items():
         if not isinstance(name, str) or not name or name == "__metadata__":
             raise file_error(path, f"invalid tensor name {name!r}")
@@ -216,11 +234,17 @@ def _safetensors_payload(
                 f"{', '.join(str(d) for d in _NUMPY_TO_SAFETENSORS)}",
             )
         shape = tuple(int(d) for d in value.shape)
-        nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        planned.append(_Planned(name, value, shape, dtype.newbyteorder("<"), code))
+    # The safetensors library's layout: widest dtype first, then by name, so every tensor's data
+    # is aligned to its element size and the file is byte for byte what the library writes.
+    planned.sort(key=lambda t: (_WRITE_ORDER.index(t.code), t.name))
+    offset = 0
+    for tensor in planned:
+        nbytes = math.prod(tensor.shape) * tensor.dtype.itemsize
+        entry = {"dtype": tensor.code, "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        header[tensor.name] = entry
         offset += nbytes
-        planned.append(_Planned(name, value, shape, dtype.newbyteorder("<")))
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # keep the data region 8-byte aligned for mmap readers
     return blob, planned
 
@@ -247,7 +271,8 @@ def save_safetensors(
 
     Values may be arrays or :class:`LazyArray` of known shape and dtype: the header is
     written from those, and each value is read only when its bytes are written, so a
-    converted multi-GB checkpoint never exists in memory as a whole.
+    converted multi-GB checkpoint never exists in memory as a whole. Tensors are laid out (and
+    read) in the safetensors library's order: widest dtype first, then by name.
 
     The file is written to a temporary name in the same directory, synced and renamed over
     ``path``, so a crash or full disk never leaves a half-written checkpoint under the real

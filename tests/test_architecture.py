@@ -44,7 +44,7 @@ def test_every_exception_class_derives_from_paddlemix_error():
     [
         ("paddlemix.models.config.ConfigError", ValueError),
         ("paddlemix.zoo.formats.common.CheckpointError", ValueError),
-        ("paddlemix.zoo.convert.ConversionError", ValueError),
+        ("paddlemix.zoo.key_maps.ConversionError", ValueError),
         ("paddlemix.zoo.loading.WeightLoadError", ValueError),
         ("paddlemix.inference.ExportError", ValueError),
         ("paddlemix.zoo.registry.UnknownModelError", KeyError),

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..errors import PaddleMIXError
 from .checkpoint import iter_checkpoint_shards
 from .formats import LazyArray, release
-from .convert import ConversionError, convert_shards, resize_pos_embed
+from .key_maps import ConversionError, convert_shards, resize_pos_embed
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import paddle
 from ..models.clip_model import CLIP
 from ..models.config import CLIPConfig
 from .checkpoint import iter_checkpoint_shards
-from .formats import LazyArray, save_safetensors, save_safetensors_sharded, to_bfloat16_bits
-from .convert import ConversionError, convert_shards
 from .download import file_sha256
+from .formats import LazyArray, save_safetensors, save_safetensors_sharded, to_bfloat16_bits
+from .key_maps import ConversionError, convert_shards
 from .loading import WeightLoadError, _mismatch_summary
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,8 @@ file and the entry.
 
 Why the reading and writing are not the ``safetensors`` library's (installed with PaddleNLP; the
 tests check both directions against it, and that files written here are byte for byte the
-library's): its numpy API cannot give what loading a large model here relies on.
+library's): its numpy API cannot give what loading a large model here relies on
+(``benchmarks/bench_safetensors.py`` measures both).
 
 - Reading: ``safe_open(framework="numpy").get_tensor`` returns a copy of every tensor, never a
   view of the file. With its default mmap backend the file's pages it touched stay resident until

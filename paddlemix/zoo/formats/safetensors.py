@@ -16,7 +16,8 @@ library's): its numpy API cannot give what loading a large model here relies on
   the file is closed, and nothing can hand them back (:func:`~.lazy.release` needs the mapping), so
   streaming a checkpoint bigger than memory grows the process to the checkpoint's size; its
   ``pread`` backend keeps the memory bound but copies every tensor once more. It cannot read BF16
-  with numpy (``data type 'bfloat16' not understood``), and EVA-CLIP ships bfloat16 weights.
+  with numpy (``data type 'bfloat16' not understood``), which ``python -m paddlemix.convert --dtype
+  bf16`` writes.
 - Writing: ``serialize_file`` takes pointers to every tensor at once, so a converted multi-GB
   model would have to exist in memory as a whole; here each tensor (often a :class:`LazyArray`)
   is read only when its bytes are written. Its numpy writer also stores Fortran-ordered arrays in

@@ -189,19 +189,20 @@ class LayerNorm(Case):
     Paddle's ``x + r`` then ``F.layer_norm`` (``variant="paddle"``)."""
 
     def __init__(self, case: Dict[str, Any]):
-        from paddlemix.models import fused_norm
+        from paddlemix import kernels
+        from paddlemix.kernels import ops
 
         rows, cols = case["shape"]
         x, r, dy, ds, w, b = (paddle.to_tensor(a) for a in layer_norm_operands(rows, cols))
         for t in (x, r, w, b):
             t.stop_gradient = False
         if case["variant"] == "fused":
-            status = fused_norm.fused_op_status()
+            status = kernels.status()
             if not status.available:
                 raise RuntimeError(f"fused_ln operator unavailable: {status.detail}")
 
             def step():
-                y, s, _, _ = fused_norm.fused_ln(x, r, w, b, 1e-5, False)
+                y, s, _, _ = ops.fused_ln(x, r, w, b, 1e-5, False)
                 paddle.grad([y, s], [x, r, w, b], [dy, ds])
 
             self.info = {"op": status.origin}

@@ -51,9 +51,10 @@ def _worker(shapes: List[List[int]], repeats: int, warmup: int) -> Dict:
     import paddle
     import paddle.nn.functional as F
 
-    from paddlemix.models import fused_norm
+    from paddlemix import kernels
+    from paddlemix.kernels import ops
 
-    status = fused_norm.fused_op_status()
+    status = kernels.status()
     if not status.available:
         raise SystemExit(f"fused_ln operator unavailable: {status.detail}")
     paddle.seed(0)
@@ -70,7 +71,7 @@ def _worker(shapes: List[List[int]], repeats: int, warmup: int) -> Dict:
             return paddle.grad([y], [x, w, b], [dy])
 
         def run_fused_ln():
-            y = fused_norm.fused_ln(x, None, w, b, 1e-5, False)[0]
+            y = ops.fused_ln(x, None, w, b, 1e-5, False)[0]
             return paddle.grad([y], [x, w, b], [dy])
 
         def run_paddle_add_ln():
@@ -79,14 +80,14 @@ def _worker(shapes: List[List[int]], repeats: int, warmup: int) -> Dict:
             return paddle.grad([y, s], [x, r, w, b], [dy, ds])
 
         def run_fused_add_ln():
-            y, s, _, _ = fused_norm.fused_ln(x, r, w, b, 1e-5, False)
+            y, s, _, _ = ops.fused_ln(x, r, w, b, 1e-5, False)
             return paddle.grad([y, s], [x, r, w, b], [dy, ds])
 
         forward_only = {
             "paddle_ln": lambda: F.layer_norm(x, [cols], w, b, 1e-5),
-            "fused_ln": lambda: fused_norm.fused_ln(x, None, w, b, 1e-5, False),
+            "fused_ln": lambda: ops.fused_ln(x, None, w, b, 1e-5, False),
             "paddle_add_ln": lambda: F.layer_norm(x + r, [cols], w, b, 1e-5),
-            "fused_add_ln": lambda: fused_norm.fused_ln(x, r, w, b, 1e-5, False),
+            "fused_add_ln": lambda: ops.fused_ln(x, r, w, b, 1e-5, False),
         }
         fwd_bwd = dict(zip(CASES, (run_paddle_ln, run_fused_ln, run_paddle_add_ln, run_fused_add_ln)))
         times: Dict[str, List[float]] = {f"{c}/{p}": [] for c in CASES for p in ("fwd", "fwd_bwd")}

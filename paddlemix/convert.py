@@ -36,9 +36,9 @@ import numpy as np
 
 from .errors import PaddleMIXError
 from .zoo.checkpoint import iter_checkpoint_shards, load_state_dict
-from .zoo.convert import _bf16_bits_as_float32, convert_state_dict
-from .zoo.export import DTYPES, convert_weights, parse_size, read_manifest, source_check, write_model_dir
+from .zoo.key_maps import convert_state_dict, widen_bf16_bits
 from .zoo.legacy import LEGACY_WEIGHTS_NAME, paddlemix_differences, write_paddlemix_dir
+from .zoo.model_dir import DTYPES, convert_weights, parse_size, read_manifest, source_check, write_model_dir
 from .zoo.pretrained import model_config
 
 logger = logging.getLogger("paddlemix.convert")
@@ -129,7 +129,7 @@ def _to_paddlemix(src: Path, out: Path, cfg: Dict[str, Any], dtype: str, layout:
         logger.error("%s; nothing was written to %s", e, out)
         return 1
     back = convert_state_dict(load_state_dict(out / LEGACY_WEIGHTS_NAME), "paddlemix_legacy")
-    bad = sorted(k for k in tensors if k not in back or not np.array_equal(back[k], _bf16_bits_as_float32(tensors[k])))
+    bad = sorted(k for k in tensors if k not in back or not np.array_equal(back[k], widen_bf16_bits(tensors[k])))
     if bad or set(back) != set(tensors):
         logger.error("%s does not read back to the same weights: %s", out, bad[:10] or sorted(set(back) ^ set(tensors)))
         return 1

@@ -23,7 +23,7 @@ from .data.transforms import (
 )
 from .models.clip_model import CLIP
 from .models.config import CLIPConfig, ConfigError
-from .zoo.convert import hf_config_to_model_cfg
+from .zoo.key_maps import hf_config_to_model_cfg
 from .zoo.loading import load_checkpoint
 from .zoo.legacy import is_legacy_config
 from .zoo.pretrained import model_config, resolve_factory_args

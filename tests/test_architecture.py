@@ -35,7 +35,7 @@ def test_every_exception_class_derives_from_paddlemix_error():
     assert not offenders, f"exception classes not deriving from PaddleMIXError: {offenders}"
     # the walk really found the package's exceptions (guards against an empty walk passing)
     assert "paddlemix.models.config.ConfigError" in checked
-    assert "paddlemix.zoo.checkpoint.CheckpointError" in checked
+    assert "paddlemix.zoo.formats.common.CheckpointError" in checked
     assert len(checked) >= 12
 
 
@@ -43,8 +43,8 @@ def test_every_exception_class_derives_from_paddlemix_error():
     "cls_path, builtin",
     [
         ("paddlemix.models.config.ConfigError", ValueError),
-        ("paddlemix.zoo.checkpoint.CheckpointError", ValueError),
-        ("paddlemix.zoo.convert.ConversionError", ValueError),
+        ("paddlemix.zoo.formats.common.CheckpointError", ValueError),
+        ("paddlemix.zoo.key_maps.ConversionError", ValueError),
         ("paddlemix.zoo.loading.WeightLoadError", ValueError),
         ("paddlemix.inference.ExportError", ValueError),
         ("paddlemix.zoo.registry.UnknownModelError", KeyError),

@@ -385,6 +385,25 @@ def test_safetensors_interoperate_with_the_reference_library(tmp_path):
     assert safetensors_metadata(theirs) == {"format": "pt"}
 
 
+def test_safetensors_files_are_byte_for_byte_what_the_reference_library_writes(tmp_path):
+    """Same layout (widest dtype first, then by name), same header, BF16 and metadata included."""
+    import safetensors  # the "test" extra
+
+    tensors = {k: v for k, v in _sample_tensors().items() if k not in ("big_endian", "fortran")}
+    tensors["bf16"] = to_bfloat16_bits(np.linspace(-1, 1, 6, dtype=np.float32)).reshape(2, 3)
+    tensors["z_first_f64"] = np.ones(3)
+    metadata = {"note": "ü"}  # one key: the library writes metadata from a hash map, in varying order
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    save_safetensors(tensors, ours, metadata, bfloat16=["bf16"])
+    specs = {
+        name: safetensors.TensorSpec(dtype="bfloat16" if name == "bf16" else a.dtype.name, shape=list(a.shape),
+                                     data_ptr=a.ctypes.data, data_len=a.nbytes)
+        for name, a in tensors.items()
+    }
+    safetensors.serialize_file(specs, str(theirs), metadata=metadata)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
 def test_bfloat16_rounding_matches_torch_and_round_trips(tmp_path):
     reference = _expected("bf16_rounding.npz")
     bits = to_bfloat16_bits(reference["float32"])

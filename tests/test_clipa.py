@@ -17,7 +17,7 @@ import paddlemix
 from paddlemix.data.bert_tokenizer import BUNDLED_VOCABS, BertTokenizer, resolve_vocab_file
 from paddlemix.factory import create_model, create_model_and_transforms, get_tokenizer
 from paddlemix.zoo.checkpoint import save_safetensors
-from paddlemix.zoo.convert import resize_pos_embed
+from paddlemix.zoo.key_maps import resize_pos_embed
 from paddlemix.zoo.registry import get_model_config
 
 VOCAB = Path(__file__).parent / "fixtures" / "bert_vocab" / "vocab.txt"

@@ -16,11 +16,10 @@ import paddle.nn.functional as F
 import pytest
 
 from paddlemix import kernels
-from paddlemix.kernels import KernelStatus
-from paddlemix.models import fused_norm
+from paddlemix.kernels import KernelStatus, ops
+from paddlemix.kernels.ops import KernelUnavailableError
 from paddlemix.models.fused_norm import (
     FusedLayerNorm,
-    FusedNormUnavailableError,
     FusedRMSNorm,
     fused_add_layer_norm,
     fused_add_rms_norm,
@@ -35,7 +34,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 @pytest.fixture(scope="session")
 def op_ready():
     """Loads the library that conftest.py built ahead for the session; CI must be able to build it."""
-    status = fused_norm.fused_op_status()
+    status = kernels.status()
     assert status.available, f"fused_ln operator not loaded: {status.detail}"
     return status
 
@@ -78,12 +77,12 @@ def test_layer_norm_forward_backward_match_paddle(op_ready, cols, with_residual)
     x, r, w, b = _case(rng, 33, cols)
     dy, ds = _tensor(rng, [33, cols]), _tensor(rng, [33, cols])
     if with_residual:
-        y, s, mean, rstd = fused_norm.fused_ln(x, r, w, b, 1e-5, False)
+        y, s, mean, rstd = ops.fused_ln(x, r, w, b, 1e-5, False)
         s_ref = x + r
         inputs, upstream = [x, r, w, b], [dy, ds]
         _assert_close(s, s_ref, rtol=0, atol=0)
     else:
-        y, s, mean, rstd = fused_norm.fused_ln(x, None, w, b, 1e-5, False)
+        y, s, mean, rstd = ops.fused_ln(x, None, w, b, 1e-5, False)
         s_ref = x
         inputs, upstream = [x, w, b], [dy, None]
         assert s.shape == [0]
@@ -103,7 +102,7 @@ def test_layer_norm_constant_and_zero_rows(op_ready):
     x = paddle.to_tensor(rows.astype("float32"), stop_gradient=False)
     w, b = _tensor(rng, [cols], 0.5, 1.0), _tensor(rng, [cols], 0.5)
     dy = _tensor(rng, [4, cols])
-    y = fused_norm.fused_ln(x, None, w, b, 1e-5, False)[0]
+    y = ops.fused_ln(x, None, w, b, 1e-5, False)[0]
     y_ref = F.layer_norm(x, [cols], w, b, 1e-5)
     np.testing.assert_array_equal(y[:3].numpy(), np.broadcast_to(b.numpy(), (3, cols)))
     _assert_close(y, y_ref)
@@ -141,7 +140,7 @@ def test_backward_with_gradient_on_one_output_only(op_ready):
     rng = np.random.default_rng(5)
     x, r, w, b = _case(rng, 9, 64)
     dy, ds = _tensor(rng, [9, 64]), _tensor(rng, [9, 64])
-    y, s, _, _ = fused_norm.fused_ln(x, r, w, b, 1e-5, False)
+    y, s, _, _ = ops.fused_ln(x, r, w, b, 1e-5, False)
     s_ref = x + r
     y_ref = F.layer_norm(s_ref, [64], w, b, 1e-5)
     for got, want in zip(paddle.grad([s], [x, r], [ds], retain_graph=True), [ds, ds]):
@@ -160,7 +159,7 @@ def test_portable_kernels_match_avx2_kernels(op_ready):
     results = []
     for portable in (False, True):
         for rms in (False, True):
-            y, s, mean, rstd = fused_norm.fused_ln(x, r, w, b, 1e-5, rms, portable)
+            y, s, mean, rstd = ops.fused_ln(x, r, w, b, 1e-5, rms, portable)
             results.append([y, mean, rstd] + list(paddle.grad([y, s], [x, r, w, b], [dy, ds])))
     for fast, slow in zip(results[:2], results[2:]):
         for a, e in zip(fast, slow):
@@ -181,7 +180,7 @@ def test_finite_difference_gradients(op_ready):
 
     def loss(vals, rms):
         t = {k: paddle.to_tensor(v.astype("float32"), stop_gradient=False) for k, v in vals.items()}
-        y, s, _, _ = fused_norm.fused_ln(t["x"], t["r"], t["w"], None if rms else t["b"], 1e-5, rms)
+        y, s, _, _ = ops.fused_ln(t["x"], t["r"], t["w"], None if rms else t["b"], 1e-5, rms)
         value = (y * paddle.to_tensor(cy, dtype="float32")).sum() + (s * paddle.to_tensor(cs, dtype="float32")).sum()
         return value, t
 
@@ -239,9 +238,9 @@ def test_functional_fused_add_layer_norm(op_ready):
 def test_op_rejects_bad_arguments_by_name(op_ready):
     x = paddle.randn([4, 8])
     with pytest.raises(Exception, match="weight must have 8 elements"):
-        fused_norm.fused_ln(x, None, paddle.ones([7]), None, 1e-5, False)
+        ops.fused_ln(x, None, paddle.ones([7]), None, 1e-5, False)
     with pytest.raises(Exception, match="residual must have the shape of x"):
-        fused_norm.fused_ln(x, paddle.randn([4, 7]), None, None, 1e-5, False)
+        ops.fused_ln(x, paddle.randn([4, 7]), None, None, 1e-5, False)
 
 
 def test_fallback_warns_once_and_matches_exactly(op_unavailable, caplog):
@@ -262,15 +261,15 @@ def test_fallback_warns_once_and_matches_exactly(op_unavailable, caplog):
 
 
 def test_require_op_raises_with_reason(op_unavailable):
-    with pytest.raises(FusedNormUnavailableError, match="disabled by test"):
+    with pytest.raises(KernelUnavailableError, match="disabled by test"):
         FusedLayerNorm(16, require_op=True)
-    with pytest.raises(FusedNormUnavailableError, match="disabled by test"):
+    with pytest.raises(KernelUnavailableError, match="disabled by test"):
         fused_norm_layer(use_rms_norm=True, eps=1e-6, require_op=True)(16)
     x = paddle.randn([2, 16])
-    with pytest.raises(FusedNormUnavailableError):
+    with pytest.raises(KernelUnavailableError):
         fused_add_layer_norm(x, x, None, None, require_op=True)
-    with pytest.raises(FusedNormUnavailableError, match="disabled by test"):
-        fused_norm.fused_ln(x)
+    with pytest.raises(KernelUnavailableError, match="disabled by test"):
+        ops.fused_ln(x)
 
 
 def test_get_norm_layer_selects_fused_layers(op_ready):

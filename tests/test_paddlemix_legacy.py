@@ -205,7 +205,7 @@ def test_semantics_paddlemix_cannot_reproduce_are_reported(tmp_path, caplog):
 
 
 def test_architectures_paddlemix_has_no_module_for_are_refused(tmp_path):
-    from paddlemix.zoo.convert import ConversionError
+    from paddlemix.zoo.key_maps import ConversionError
 
     model = _random_model(_tiny({"no_ln_pre": True}))
     with pytest.raises(ConversionError, match="cannot express"):

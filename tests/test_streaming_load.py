@@ -27,7 +27,7 @@ from paddlemix.zoo.checkpoint import (
     save_safetensors_sharded,
     to_bfloat16_bits,
 )
-from paddlemix.zoo.convert import convert_state_dict
+from paddlemix.zoo.key_maps import convert_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY = ROOT / "tests" / "fixtures" / "parity"
@@ -241,7 +241,7 @@ def test_convert_cli_writes_shards_that_load_like_one_file(tmp_path, dtype):
 
 
 def test_parse_size():
-    from paddlemix.zoo.export import parse_size
+    from paddlemix.zoo.model_dir import parse_size
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1000") == 1000
     assert parse_size("1.5 mb") == 1_500_000

@@ -23,9 +23,9 @@ from paddlemix import clip
 from paddlemix.models import CLIP, CLIPConfig
 from paddlemix.zoo import pretrained as zoo
 from paddlemix.zoo.checkpoint import load_state_dict, safetensors_metadata
-from paddlemix.zoo.convert import ConversionError, detect_layout
+from paddlemix.zoo.key_maps import ConversionError, detect_layout
 from paddlemix.zoo.download import DownloadError, file_sha256
-from paddlemix.zoo.export import manifest_problem
+from paddlemix.zoo.model_dir import manifest_problem
 from paddlemix.zoo.legacy import legacy_config_to_model_cfg
 from paddlemix.zoo.loading import WeightLoadError
 from paddlemix.zoo.registry import CONFIG_DIR, get_model_config

@@ -4,7 +4,7 @@ Every dataset returns numpy (``transform`` should be built with ``output='numpy'
 loader workers never create Paddle tensors; the loader collates in the main process.
 
 CIFAR ships as Python pickles. Unpickling an untrusted download with ``pickle.load`` can run any
-code, so the files are read by the zoo's restricted unpickler (``zoo/checkpoint.py``, the one that
+code, so the files are read by the zoo's restricted unpickler (``zoo/formats/pdparams.py``, the one that
 reads weights): it resolves only the few numpy globals an array needs and refuses everything else.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import paddle
 from PIL import Image
 
 from .._util import read_lines
-from ..zoo.checkpoint import CheckpointError, load_array_pickle
+from ..zoo.formats import CheckpointError, load_array_pickle
 from .imagenet_metadata import CIFAR_TEMPLATES, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 logger = logging.getLogger(__name__)

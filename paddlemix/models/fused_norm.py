@@ -10,7 +10,8 @@ dict keys, same numbers (within fp32 rounding), so a config can switch
 The operator comes from the library that :mod:`paddlemix.kernels` loads (built ahead by
 ``python -m paddlemix.kernels build``; nothing is compiled at run time). Without it the layers
 use the exact reference math, after that module's one warning; ``require_op=True`` turns the
-fallback into an error instead.
+fallback into a :class:`~paddlemix.kernels.ops.KernelUnavailableError` instead. The operator
+itself, and the library's other kernels, are called directly through :mod:`paddlemix.kernels.ops`.
 
 Inputs the operator does not cover fall back to the reference silently, since
 that is a property of the input and not of the build: dtypes other than
@@ -27,40 +28,22 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .. import kernels
-from ..kernels import dispatch
-from ..errors import PaddleMIXError
+from ..kernels import dispatch, ops
 from .layers import LayerNorm, RMSNorm
 
 __all__ = [
     "FusedLayerNorm",
     "FusedRMSNorm",
-    "FusedNormUnavailableError",
     "fused_add_layer_norm",
     "fused_add_rms_norm",
-    "cpu_gelu",
-    "cpu_softmax",
-    "fused_ln",
     "fused_norm_layer",
-    "fused_op_status",
 ]
-
-
-class FusedNormUnavailableError(PaddleMIXError, RuntimeError):
-    """The fused_ln operator was required (``require_op=True``) but its library is not loaded."""
-
-
-def fused_op_status() -> kernels.KernelStatus:
-    """Whether the kernel library is loaded (see :func:`paddlemix.kernels.status`)."""
-    return kernels.status()
 
 
 def _require_or_warn(require_op: bool) -> bool:
     """True when the operator can be used; otherwise raise (require_op) or fall back after one warning."""
-    if require_op and not kernels.status().available:
-        raise FusedNormUnavailableError(
-            f"the fused_ln operator is unavailable: {kernels.status().detail}. Build it with "
-            f"`{kernels.BUILD_COMMAND}`, or pass require_op=False to fall back to paddle.nn.functional.layer_norm."
-        )
+    if require_op:
+        ops.require("fused_ln", "pass require_op=False to fall back to paddle.nn.functional.layer_norm")
     return kernels.available()
 
 
@@ -69,38 +52,6 @@ def _op_handles(x: paddle.Tensor) -> bool:
 
 
 _run_op = dispatch.run_fused_ln
-
-
-def fused_ln(
-    x: paddle.Tensor,
-    residual: Optional[paddle.Tensor] = None,
-    weight: Optional[paddle.Tensor] = None,
-    bias: Optional[paddle.Tensor] = None,
-    epsilon: float = 1e-5,
-    rms_norm: bool = False,
-    portable: bool = False,
-) -> Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor, paddle.Tensor]:
-    """The raw operator: ``(y, residual_out, mean, rstd)``, no fallback.
-
-    residual_out is ``x + residual`` (an empty ``[0]`` tensor without a
-    residual); mean and rstd are the float32 row statistics. ``portable`` forces
-    the non-AVX2 CPU kernels, for comparing the two. Raises
-    FusedNormUnavailableError when the operator cannot be loaded.
-    """
-    _require_or_warn(require_op=True)
-    return _run_op(x, residual, weight, bias, epsilon, rms_norm, portable)
-
-
-def cpu_gelu(x: paddle.Tensor) -> paddle.Tensor:
-    """Exact GELU by the library's ``cpu_gelu`` operator (float32 CPU tensors; differentiable)."""
-    _require_or_warn(require_op=True)
-    return dispatch.run_cpu_gelu(x)
-
-
-def cpu_softmax(x: paddle.Tensor) -> paddle.Tensor:
-    """Softmax over the last axis by the library's ``cpu_softmax`` operator (float32 CPU tensors)."""
-    _require_or_warn(require_op=True)
-    return dispatch.run_cpu_softmax(x)
 
 
 def _reference_layer_norm(x, weight, bias, epsilon: float) -> paddle.Tensor:
@@ -167,7 +118,7 @@ def fused_add_rms_norm(
 class FusedLayerNorm(LayerNorm):
     """`layers.LayerNorm` computed by the fused_ln operator when it is available.
 
-    ``require_op=True`` raises FusedNormUnavailableError at construction if the
+    ``require_op=True`` raises KernelUnavailableError at construction if the
     operator cannot be loaded, instead of warning and using the reference path.
     """
 

@@ -5,7 +5,7 @@ PaddleMIX hosts its CLIP-family weights as ``<model>/config.json`` + ``model_sta
 come from two classes: ``CLIPConfig`` (``model_type`` 'clip', the same string HF transformers
 uses) and ``EVACLIPConfig`` ('evaclip'); both carry the towers under ``vision_cfg`` /
 ``text_cfg`` with PaddleMIX's key names. The weights themselves are handled by the
-``paddlemix_legacy`` layout in :mod:`paddlemix.zoo.convert`.
+``paddlemix_legacy`` layout in :mod:`paddlemix.zoo.key_maps`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Union
 import numpy as np
 from paddlenlp.transformers.configuration_utils import PretrainedConfig
 
-from .convert import ConversionError, _bf16_bits_as_float32
+from .formats.lazy import bf16_bits_to_float32
+from .key_maps import ConversionError
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def to_paddlemix_state_dict(sd: Dict[str, np.ndarray], legacy_cfg: Dict[str, Any
     Nothing is transposed (both are Paddle, [in, out]); fused q/k/v and SwiGLU gate/value
     matrices are split back into PaddleMIX's separate projections.
     """
-    from .convert import _EVA_BLOCK, _LEGACY_CLIP_BLOCK
+    from .key_maps import _EVA_BLOCK, _LEGACY_CLIP_BLOCK
 
     src = dict(sd)
     out: Dict[str, np.ndarray] = {}
@@ -372,7 +373,7 @@ def write_paddlemix_dir(
     """Write ``config.json`` + ``model_state.pdparams`` in PaddleMIX's layout and config schema.
 
     ``sd`` holds paddlemix names and Paddle orientation (what ``model.state_dict()`` or
-    :func:`paddlemix.zoo.export.convert_weights` gives); bfloat16 arrives as its uint16 bits and
+    :func:`paddlemix.zoo.model_dir.convert_weights` gives); bfloat16 arrives as its uint16 bits and
     is stored as bfloat16. Differences in how PaddleMIX will compute with these weights are
     logged, since the directory itself cannot say so.
     """
@@ -393,7 +394,7 @@ def write_paddlemix_dir(
     state = {}
     for name, value in tensors.items():
         if value.dtype == np.uint16:  # bfloat16 bits: widening is exact, and the cast back restores them
-            state[name] = paddle.to_tensor(_bf16_bits_as_float32(value)).astype("bfloat16")
+            state[name] = paddle.to_tensor(bf16_bits_to_float32(value)).astype("bfloat16")
         else:
             state[name] = paddle.to_tensor(value)
     paddle.save(state, str(out_dir / LEGACY_WEIGHTS_NAME))

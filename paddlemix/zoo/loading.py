@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 
 from ..errors import PaddleMIXError
-from .checkpoint import LazyArray, iter_checkpoint_shards, release
-from .convert import ConversionError, convert_shards, resize_pos_embed
+from .checkpoint import iter_checkpoint_shards
+from .formats import LazyArray, release
+from .key_maps import ConversionError, convert_shards, resize_pos_embed
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def load_state_dict_into(
 ) -> None:
     """Convert and copy each shard into ``model``; raise on missing/unexpected/mis-shaped keys.
 
-    Shard values may be arrays or :class:`~paddlemix.zoo.checkpoint.LazyArray`; each is read
+    Shard values may be arrays or :class:`~paddlemix.zoo.formats.lazy.LazyArray`; each is read
     only when its parameter is filled. ``dtype`` (e.g. ``"float16"``) is the dtype every
     parameter ends in, as after ``model.to(dtype=...)``; None keeps the model's. ``progress``
     shows a bar over the model's tensors (None: only on a terminal).

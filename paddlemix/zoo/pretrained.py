@@ -31,7 +31,7 @@ from ..errors import PaddleMIXError
 from ..models.config import CLIPConfig
 from ..models.transformer import TextTransformer, VisionTransformer
 from .checkpoint import iter_checkpoint_shards
-from .convert import ConversionError, convert_state_dict, detect_layout, hf_config_to_model_cfg
+from .key_maps import ConversionError, convert_state_dict, detect_layout, hf_config_to_model_cfg
 from .download import (
     DownloadError,
     cache_dir as default_cache_root,
@@ -41,7 +41,7 @@ from .download import (
     is_offline,
     model_url,
 )
-from .export import CONFIG_NAME, MANIFEST_NAME, manifest_problem, write_model_dir
+from .model_dir import CONFIG_NAME, MANIFEST_NAME, manifest_problem, write_model_dir
 from .legacy import is_legacy_config, legacy_config_to_model_cfg, paddlemix_differences
 from .loading import WeightLoadError, load_state_dict_into
 from .registry import UnknownModelError, get_model_config, load_config_file, read_json

@@ -7,7 +7,7 @@ whether it transposes, instead of guessing from shapes (square matrices would be
 ambiguous). Split q/k/v projections are fused into the single ``qkv`` matmul.
 
 Conversion is planned from names and shapes alone: every output that needs computing is a
-:class:`~paddlemix.zoo.checkpoint.LazyArray`, so ``convert_state_dict(..., lazy=True)`` over
+:class:`~paddlemix.zoo.formats.lazy.LazyArray`, so ``convert_state_dict(..., lazy=True)`` over
 a memory-mapped checkpoint reads nothing, and a streaming loader pays for one converted
 tensor at a time.
 """
@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ..errors import PaddleMIXError
-from .checkpoint import LazyArray
+from .formats.lazy import LazyArray, bf16_bits_to_float32
 
 __all__ = ["detect_layout", "convert_state_dict", "convert_shards", "resize_pos_embed", "hf_config_to_model_cfg", "ConversionError"]
 
@@ -366,11 +366,9 @@ def _is_paddlemix_legacy(sd: StateDict) -> bool:
     return False
 
 
-def _bf16_bits_as_float32(x: np.ndarray) -> np.ndarray:
+def widen_bf16_bits(x: np.ndarray) -> np.ndarray:
     """Paddle pickles bfloat16 as raw uint16 bits; no CLIP weight is an integer, so widen them."""
-    if x.dtype == np.uint16:
-        return (x.astype(np.uint32) << 16).view(np.float32)
-    return x
+    return bf16_bits_to_float32(x) if x.dtype == np.uint16 else x
 
 
 def _insert_k(qv: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -386,7 +384,7 @@ def _legacy_attn(m: _Mapper, src: str, dst: str) -> None:
 
 
 def _convert_paddlemix_legacy(sd: StateDict) -> StateDict:
-    m = _Mapper({k: LazyArray(_bf16_bits_as_float32, v, shape=v.shape, dtype=np.float32) if v.dtype == np.uint16
+    m = _Mapper({k: LazyArray(widen_bf16_bits, v, shape=v.shape, dtype=np.float32) if v.dtype == np.uint16
                  else v for k, v in sd.items()})
     # CLIP vision tower (PaddleMIX VisionTransformer).
     _clip_vision_stem(m)
@@ -437,7 +435,7 @@ def convert_state_dict(sd: StateDict, layout: Optional[str] = None, *, lazy: boo
     """Map a reference state dict onto paddlemix names and Paddle weight orientation.
 
     ``lazy=True`` returns the plan: values that need computing are
-    :class:`~paddlemix.zoo.checkpoint.LazyArray` (read with ``np.asarray``), so a caller
+    :class:`~paddlemix.zoo.formats.lazy.LazyArray` (read with ``np.asarray``), so a caller
     that streams tensors into a model holds one converted tensor at a time.
     """
     layout = layout or detect_layout(sd)

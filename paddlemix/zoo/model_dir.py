@@ -24,9 +24,10 @@ import paddle
 
 from ..models.clip_model import CLIP
 from ..models.config import CLIPConfig
-from .checkpoint import LazyArray, iter_checkpoint_shards, save_safetensors, save_safetensors_sharded, to_bfloat16_bits
-from .convert import ConversionError, convert_shards
+from .checkpoint import iter_checkpoint_shards
 from .download import file_sha256
+from .formats import LazyArray, save_safetensors, save_safetensors_sharded, to_bfloat16_bits
+from .key_maps import ConversionError, convert_shards
 from .loading import WeightLoadError, _mismatch_summary
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def convert_weights(
     """Plan the conversion of every shard to paddlemix names and ``dtype``; check it against the architecture.
 
     Returns (tensors, names stored as bfloat16 bits, layout). The tensors are
-    :class:`~paddlemix.zoo.checkpoint.LazyArray` of the stored shape and dtype: nothing is
+    :class:`~paddlemix.zoo.formats.lazy.LazyArray` of the stored shape and dtype: nothing is
     read until they are written, one at a time, so converting a multi-GB checkpoint holds one
     tensor, not a second copy of the model. Missing and unexpected names, and shapes known
     from the file, are a :class:`WeightLoadError` naming the keys, as in

@@ -23,7 +23,8 @@ def load_pretrained_model(cls, pretrained_model_name_or_path, *args, dtype: Opti
     resolved = resolve(pretrained_model_name_or_path)
     if resolved.weights is None:
         raise UnresolvedModelError(
-            f"{resolved.name!r} resolved to a {resolved.source} without weights; from_pretrained needs a model "
+            f"{resolved.name!r} gives a model config but no weights (it resolved as {resolved.source!r}); "
+            "from_pretrained needs a model "
             "directory or a zoo name (paddlemix.list_pretrained()). For random weights use "
             "paddlemix.create_model(name)."
         )

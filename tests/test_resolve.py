@@ -18,6 +18,7 @@ from paddlemix import PaddleMIXError
 from paddlemix.models import CLIP, CLIPConfig
 from paddlemix.models.config import ConfigError
 from paddlemix.zoo import pretrained as zoo
+from paddlemix.zoo.download import DownloadError
 from paddlemix.zoo.export import write_model_dir
 from paddlemix.zoo.registry import UnknownModelError, config_kind, get_model_config
 from paddlemix.zoo.resolve import Resolved, UnresolvedModelError, read_model_config, resolve
@@ -281,3 +282,12 @@ def test_entry_points_resolve_through_the_resolver(cached, tmp_path):
         HF_DIR / "config.json")[0]["text_cfg"]["context_length"]
     with pytest.raises(UnresolvedModelError, match="'ViT-B-32' gives a model config but no weights"):
         CLIP.from_pretrained("ViT-B-32")
+
+
+def test_weights_required_prefers_the_zoo_entry_of_a_name_that_is_also_an_architecture(home):
+    """CLIP.from_pretrained('EVA02-CLIP-L-14') means EVA-CLIP's weights; create_model('EVA02-CLIP-L-14') the architecture."""
+    assert resolve("EVA02-CLIP-L-14").source == "architecture"
+    with pytest.raises(DownloadError, match="(?s)could not get the weights of 'EVA02-CLIP-L-14'.*offline mode is on"):
+        CLIP.from_pretrained("EVA02-CLIP-L-14")  # offline and not cached: it tried the zoo, not the architecture
+    with pytest.raises(UnresolvedModelError, match=r"resolved as 'config-file'"):
+        resolve(CLIP_CASE / "model_config.json", weights_required=True)

@@ -12,7 +12,7 @@ import paddle
 from ..models.clip_model import CLIP
 from .legacy import write_paddlemix_dir
 from .loading import load_checkpoint
-from .resolve import UnresolvedModelError, resolve
+from .resolve import resolve
 
 
 def load_pretrained_model(cls, pretrained_model_name_or_path, *args, dtype: Optional[str] = None, **kwargs) -> CLIP:
@@ -20,14 +20,7 @@ def load_pretrained_model(cls, pretrained_model_name_or_path, *args, dtype: Opti
     strict loader, in eval mode."""
     if args or kwargs:
         raise TypeError(f"unsupported from_pretrained arguments: {args} {sorted(kwargs)}")
-    resolved = resolve(pretrained_model_name_or_path)
-    if resolved.weights is None:
-        raise UnresolvedModelError(
-            f"{resolved.name!r} gives a model config but no weights (it resolved as {resolved.source!r}); "
-            "from_pretrained needs a model "
-            "directory or a zoo name (paddlemix.list_pretrained()). For random weights use "
-            "paddlemix.create_model(name)."
-        )
+    resolved = resolve(pretrained_model_name_or_path, weights_required=True)
     config = cls.config_class.from_model_cfg(resolved.model_cfg)
     # As create_model does: the strict loader fills every parameter, so the model is built
     # without random init and each tensor is cast on its way in.

@@ -31,7 +31,8 @@ known. Its rules, in order (the first that applies decides):
    same schemas; no weights.
 5. **A registered architecture name** (``list_models()``; ``ViT-L/14`` and
    ``paddlemix/EVA/<arch>`` spellings included): its config; no weights. An architecture name
-   never downloads anything.
+   never downloads anything, except where the caller needs weights (``CLIP.from_pretrained``,
+   ``weights_required=True``): there a name that is also a zoo name (EVA-CLIP's) is the zoo entry.
 6. **A zoo name**, PaddleMIX id (``paddlemix/CLIP/<name>``) or registered HF repo id: the entry's
    weights, downloaded and converted once into ``<cache>/converted/<name>``.
 7. Anything else is an :class:`UnresolvedModelError` naming the input, close names, and these forms.
@@ -126,6 +127,7 @@ def resolve(
     *,
     cache_dir: Optional[Union[str, Path]] = None,
     download: bool = True,
+    weights_required: bool = False,
 ) -> Resolved:
     """Resolve ``name`` (and ``pretrained``) by the rules in this module's docstring.
 
@@ -135,6 +137,8 @@ def resolve(
         cache_dir: cache root for downloads and conversions (default ``$PADDLEMIX_HOME``,
             else ``~/.cache/paddlemix``).
         download: False never fetches or converts anything (see the module docstring).
+        weights_required: the caller cannot use a config alone (rule 5), and a result without
+            weights is an :class:`UnresolvedModelError`.
     """
     text = os.fspath(name)
     prefix, ident = _split_prefix(name)
@@ -153,9 +157,16 @@ def resolve(
                 registry.get(ident, pretrained)  # raises UnknownPretrainedError, listing the valid tags
     if pretrained is not None:
         # The name supplies the config only, so nothing it names is fetched or converted.
-        resolved = _resolve_name(text, prefix, ident, cache_dir, download=False)
+        resolved = _resolve_name(text, prefix, ident, cache_dir, False, weights_required)
         return replace(resolved, weights=pretrained, source="weights-path", layout=None)
-    return _resolve_name(text, prefix, ident, cache_dir, download)
+    resolved = _resolve_name(text, prefix, ident, cache_dir, download, weights_required)
+    if weights_required and resolved.weights is None:
+        raise UnresolvedModelError(
+            f"{text!r} gives a model config but no weights (it resolved as {resolved.source!r}); weights come from "
+            "a model directory or a zoo name (paddlemix.list_pretrained()), or an architecture with "
+            "pretrained=TAG or a weights path"
+        )
+    return resolved
 
 
 def _split_prefix(name: Union[str, "os.PathLike[str]"]) -> Tuple[Optional[str], str]:
@@ -177,7 +188,8 @@ def _is_tag_like(value: str) -> bool:
 
 
 def _resolve_name(
-    text: str, prefix: Optional[str], ident: str, cache_dir: Optional[Union[str, Path]], download: bool
+    text: str, prefix: Optional[str], ident: str, cache_dir: Optional[Union[str, Path]], download: bool,
+    weights_required: bool,
 ) -> Resolved:
     registry = default_registry()
     if prefix == LOCAL_DIR_PREFIX:
@@ -214,11 +226,12 @@ def _resolve_name(
             raise UnresolvedModelError(f"model config {path} does not exist")
         cfg, kind = read_model_config(path)
         return Resolved(text, cfg, None, "config-file", config_kind=kind)
-    try:
-        return Resolved(text, _checked(get_model_config(ident), ident), None, "architecture")
-    except UnknownModelError:
-        pass
     entry = registry.find(ident)
+    if entry is None or not weights_required:
+        try:
+            return Resolved(text, _checked(get_model_config(ident), ident), None, "architecture")
+        except UnknownModelError:
+            pass
     if entry is not None:
         return _from_entry(text, entry, cache_dir, download)
     close = difflib.get_close_matches(ident, list_models() + [e.name for e in registry], n=5)

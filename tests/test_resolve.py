@@ -219,11 +219,9 @@ def test_local_dir_prefix(tmp_path, monkeypatch):
         resolve("local-dir:")
 
 
-def test_hf_hub_prefix_reads_only_registered_repositories(entry):
-    assert resolve("hf-hub:laion/tiny-resolve", download=False).entry is entry
-    with pytest.raises(UnresolvedModelError, match=r"'hf-hub:laion/tiny-resolv' is not a registered Hugging Face "
-                                                   r"repository.*Did you mean \['laion/tiny-resolve'\]"):
-        resolve("hf-hub:laion/tiny-resolv")
+def test_hf_hub_prefix_of_a_repository_the_zoo_lists_is_that_entry(home, entry):
+    got = resolve("hf-hub:laion/tiny-resolve", download=False)  # offline: nothing fetched, not even a config
+    assert (got.source, got.entry) == ("zoo", entry) and not home.exists()
 
 
 def test_paddlemix_prefix_fetches_names_that_are_also_architectures(home):
@@ -291,3 +289,54 @@ def test_weights_required_prefers_the_zoo_entry_of_a_name_that_is_also_an_archit
         CLIP.from_pretrained("EVA02-CLIP-L-14")  # offline and not cached: it tried the zoo, not the architecture
     with pytest.raises(UnresolvedModelError, match=r"resolved as 'config-file'"):
         resolve(CLIP_CASE / "model_config.json", weights_required=True)
+
+
+# ------------------------------------------------------------------ hf-hub: an unregistered open_clip repo
+
+
+REPO = "someone/tiny-open-clip"
+
+
+@pytest.fixture
+def hub(home, monkeypatch):
+    """An HF-hub-like server with one open_clip repository the zoo does not list (a .bin, no safetensors)."""
+    from zoo_server import ZooServer
+
+    config = {"model_cfg": _json(CLIP_CASE / "model_config.json"), "preprocess_cfg": {"mean": MEAN, "std": MEAN}}
+    files = {f"{REPO}/resolve/main/open_clip_config.json": json.dumps(config).encode(),
+             f"{REPO}/resolve/main/open_clip_pytorch_model.bin": (CLIP_CASE / "pytorch_model.bin").read_bytes()}
+    monkeypatch.delenv("PADDLEMIX_OFFLINE")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    with ZooServer(files) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.base_url)
+        yield server
+
+
+def test_hf_hub_prefix_reads_an_unregistered_open_clip_repository(hub, home, monkeypatch):
+    cfg = resolve(f"hf-hub:{REPO}", download=False)  # get_tokenizer's way: the config file only
+    assert (cfg.source, cfg.config_kind, cfg.weights) == ("hf-hub", "open_clip_config", None)
+    assert hub.gets(f"{REPO}/resolve/main/open_clip_pytorch_model.bin") == []
+    model = paddlemix.create_model(f"hf-hub:{REPO}")
+    reference = paddlemix.create_model(CLIP_CASE / "model_config.json", pretrained=CLIP_CASE / "pytorch_model.bin")
+    np.testing.assert_array_equal(_features(model), _features(reference))  # kept in its precision: exact
+    assert paddlemix.get_model_preprocess_cfg(model)["mean"] == MEAN
+    # open_clip's order: the safetensors file first (absent here), then the .bin.
+    assert [r.status for r in hub.log if "open_clip_model.safetensors" in r.path] == [404]
+    assert len(hub.gets(f"{REPO}/resolve/main/open_clip_pytorch_model.bin")) == 1
+    out = home / "converted" / "hf-hub" / REPO
+    manifest = _json(out / "manifest.json")
+    assert (manifest["source"]["source"], manifest["source"]["repo"]) == ("hf-hub", REPO)
+    # Converted once: later loads, offline, read the cache.
+    hub.stop()
+    monkeypatch.setenv("PADDLEMIX_OFFLINE", "1")
+    again = resolve(f"hf-hub:{REPO}")
+    assert (again.weights, again.layout) == (out, "paddlemix")
+    np.testing.assert_array_equal(_features(CLIP.from_pretrained(f"hf-hub:{REPO}")), _features(reference))
+
+
+def test_hf_hub_repository_errors_name_what_was_fetched(hub):
+    with pytest.raises(DownloadError, match=r"someone/missing/resolve/main/open_clip_config\.json"):
+        resolve("hf-hub:someone/missing")
+    with pytest.raises(UnresolvedModelError, match=r"'\.\./etc' is not a Hugging Face repository id"):
+        resolve("hf-hub:../etc")

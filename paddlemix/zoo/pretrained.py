@@ -48,6 +48,7 @@ __all__ = [
     "UnknownPretrainedError",
     "default_registry",
     "download_pretrained",
+    "fetch_hf_file",
     "get_pretrained_entry",
     "list_pretrained",
     "list_pretrained_tags",
@@ -425,6 +426,19 @@ def _sources_of(entry: PretrainedEntry) -> List[str]:
     return [s for s, v in (("paddlemix", entry.paddlemix), ("hf", entry.hf)) if v]
 
 
+def fetch_hf_file(
+    repo: str, filename: str, *, revision: str = "main", cache_dir: Optional[Union[str, Path]] = None,
+    hf_endpoint: Optional[str] = None, sha256: Optional[str] = None, offline: Optional[bool] = None,
+    progress: bool = True,
+) -> Path:
+    """One file of a Hugging Face hub repository, from the cache or the hub (``$HF_ENDPOINT`` or a mirror).
+
+    Cached as ``<cache>/models/<repo>/resolve/<revision>/<file>``, apart from PaddleMIX's ids.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else None
+    return _fetch(root, f"{repo}/resolve/{revision}", filename, _hf_endpoint(hf_endpoint), sha256, offline, progress)
+
+
 def _fetch_source(
     entry: PretrainedEntry, source: str, root: Optional[Path], host: Optional[str], hf_endpoint: Optional[str],
     offline: Optional[bool], progress: bool,
@@ -438,11 +452,9 @@ def _fetch_source(
         return weights, "paddlemix_legacy", model_url(entry.paddlemix, PADDLEMIX_FILES[1], host)
     if source == "hf" and entry.hf is not None:
         hf = entry.hf
-        endpoint = _hf_endpoint(hf_endpoint)
-        # Cached as <root>/models/<repo>/resolve/<revision>/<file>, apart from PaddleMIX's ids.
-        weights = _fetch(root, f"{hf.repo}/resolve/{hf.revision}", hf.file, endpoint, entry.sha256.get(hf.file),
-                         offline, progress)
-        return weights, hf.layout, hf.url(endpoint)
+        weights = fetch_hf_file(hf.repo, hf.file, revision=hf.revision, cache_dir=root, hf_endpoint=hf_endpoint,
+                                sha256=entry.sha256.get(hf.file), offline=offline, progress=progress)
+        return weights, hf.layout, hf.url(_hf_endpoint(hf_endpoint))
     raise DownloadError(f"{entry.name!r} has no {source!r} source")
 
 

@@ -9,9 +9,12 @@ known. Its rules, in order (the first that applies decides):
 1. **Explicit prefixes** (as open_clip's ``parse_model_name``), so nothing is guessed:
 
    * ``local-dir:PATH``: the model directory ``PATH`` (rule 3), which must exist.
-   * ``hf-hub:ORG/REPO``: the registered weights published in that Hugging Face hub repository
-     (``list_pretrained``), fetched and converted as any zoo entry (rule 6). paddlemix reads only
-     repositories its registry knows the layout of; another repository is an error that says so.
+   * ``hf-hub:ORG/REPO``: a Hugging Face hub repository. One the zoo lists (``list_pretrained``) is
+     that zoo entry, fetched and converted as in rule 6 (PaddleMIX's host first). Any other is read
+     as open_clip reads it: its ``open_clip_config.json`` (the architecture under ``model_cfg``, the
+     transforms under ``preprocess_cfg``) and its weights, ``open_clip_model.safetensors`` or else
+     ``open_clip_pytorch_model.bin``, converted once (keeping their precision) into
+     ``<cache>/converted/hf-hub/ORG/REPO``.
    * ``paddlemix:NAME``: the zoo entry ``NAME`` (a zoo name or PaddleMIX id); this also fetches
      the weights of the EVA-CLIP names that are architecture names too (rule 5 would build those
      with random weights).
@@ -39,8 +42,9 @@ known. Its rules, in order (the first that applies decides):
 
 ``pretrained`` as a path (a weights file or directory) replaces the weights of whatever the name
 resolved to; the name then supplies only the config, and nothing is downloaded or converted.
-``download=False`` (``get_tokenizer``, the convert CLI's ``--model``) never fetches or converts:
-a zoo entry gives its config and no weights, a PaddleMIX directory its own files.
+``download=False`` (``get_tokenizer``, the convert CLI's ``--model``) fetches no weights and converts
+nothing: a zoo entry gives its config and no weights, a PaddleMIX directory its own files, an
+unregistered ``hf-hub:`` repository only its ``open_clip_config.json`` (as open_clip's ``get_tokenizer``).
 
 The config is validated before anything is built; its errors name the file.
 """
@@ -51,6 +55,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -59,10 +64,10 @@ from .._util import exclusive_lock
 from ..models.config import CLIPConfig, ConfigError
 from .checkpoint import CHECKPOINT_FILE_NAMES
 from .convert import hf_config_to_model_cfg
-from .download import cache_dir as default_cache_root
+from .download import DownloadError, cache_dir as default_cache_root, file_sha256
 from .export import CONFIG_NAME, MANIFEST_NAME, manifest_problem, write_model_dir
 from .legacy import LEGACY_WEIGHTS_NAME, legacy_config_to_model_cfg
-from .pretrained import HF_HUB_PREFIX, PretrainedEntry, default_registry, resolve_pretrained
+from .pretrained import HF_HUB_PREFIX, PretrainedEntry, default_registry, fetch_hf_file, resolve_pretrained
 from .registry import CONFIG_KINDS, UnknownModelError, config_kind, get_model_config, list_models, read_json
 
 __all__ = [
@@ -80,6 +85,8 @@ LOCAL_DIR_PREFIX = "local-dir:"
 ZOO_PREFIX = "paddlemix:"
 PREFIXES = (LOCAL_DIR_PREFIX, HF_HUB_PREFIX, ZOO_PREFIX)
 OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"  # what open_clip's HF hub repos carry next to the weights
+_HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+HF_WEIGHTS_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's order
 
 ACCEPTED_FORMS = (
     "an architecture name (paddlemix.list_models()); an architecture with pretrained=TAG "
@@ -105,7 +112,7 @@ class Resolved:
 
     ``model_cfg`` is a validated open_clip-schema config (a private copy); ``weights`` the file or
     directory the loader reads, None for random initialisation; ``source`` which rule matched
-    ('architecture', 'config-file', 'model-dir', 'zoo', 'weights-path'); ``config_kind`` the schema
+    ('architecture', 'config-file', 'model-dir', 'zoo', 'hf-hub', 'weights-path'); ``config_kind`` the schema
     the config was read in (:data:`~paddlemix.zoo.registry.CONFIG_KINDS`, None for the registries);
     ``layout`` the weights' key layout when known (None: the loader detects it); ``model_dir`` the
     local model directory behind it, if any (where a BERT vocabulary may sit); ``entry`` the zoo entry.
@@ -200,14 +207,7 @@ def _resolve_name(
     if prefix == HF_HUB_PREFIX:
         entry = registry.find(HF_HUB_PREFIX + ident)
         if entry is None:
-            repos = sorted({e.hf.repo for e in registry if e.hf is not None})
-            close = difflib.get_close_matches(ident, repos, n=5)
-            raise UnresolvedModelError(
-                f"{text!r} is not a registered Hugging Face repository: paddlemix reads the weights of the "
-                f"repositories its zoo lists (paddlemix.list_pretrained()), whose layout it knows."
-                f"{' Did you mean ' + str(close) + '?' if close else ''} For another repository, download its "
-                "files and pass the directory (local-dir:PATH), or convert them with python -m paddlemix.convert."
-            )
+            return _from_hf_repo(text, ident, cache_dir, download)
         return _from_entry(text, entry, cache_dir, download)
     if prefix == ZOO_PREFIX:
         entry = registry.find(ident)
@@ -253,6 +253,47 @@ def _from_entry(text: str, entry: PretrainedEntry, cache_dir: Optional[Union[str
     out = resolve_pretrained(entry, cache_dir=cache_dir)
     cfg, kind = read_model_config(out / CONFIG_NAME)
     return Resolved(text, cfg, out, "zoo", config_kind=kind, layout="paddlemix", model_dir=out, entry=entry)
+
+
+def _cache_root(cache_dir: Optional[Union[str, Path]]) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+
+
+def _from_hf_repo(text: str, repo: str, cache_dir: Optional[Union[str, Path]], download: bool) -> Resolved:
+    """An open_clip repository on the HF hub that the zoo does not list (``hf-hub:`` in rule 1)."""
+    if not _HF_REPO_ID.fullmatch(repo) or ".." in repo:
+        raise UnresolvedModelError(f"{text!r}: {repo!r} is not a Hugging Face repository id (ORG/REPO)")
+    out = _cache_root(cache_dir) / "converted" / "hf-hub" / repo
+    if manifest_problem(out) is None:
+        cfg, kind = read_model_config(out / CONFIG_NAME)
+        return Resolved(text, cfg, out, "hf-hub", config_kind=kind, layout="paddlemix", model_dir=out)
+    config_file = fetch_hf_file(repo, OPEN_CLIP_CONFIG_NAME, cache_dir=cache_dir)
+    cfg, kind = read_model_config(config_file)
+    if kind != "open_clip_config":
+        raise ConfigError(f"{config_file} of {text!r} is a {kind} config; an open_clip repository's "
+                          f"{OPEN_CLIP_CONFIG_NAME} holds the architecture under 'model_cfg'")
+    if not download:
+        return Resolved(text, cfg, None, "hf-hub", config_kind=kind)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Every rank of a distributed job may ask at once: one converts, the others wait and reuse it.
+    with exclusive_lock(out.with_name(out.name + ".lock"), f"converting {text}"):
+        if manifest_problem(out) is not None:
+            weights = _fetch_hf_weights(text, repo, cache_dir)
+            record = {"source": "hf-hub", "repo": repo, "file": weights.name, "sha256": file_sha256(weights),
+                      "size": weights.stat().st_size}
+            write_model_dir(weights, cfg, out, dtype="keep", source=record, overwrite=True)
+    cfg, kind = read_model_config(out / CONFIG_NAME)
+    return Resolved(text, cfg, out, "hf-hub", config_kind=kind, layout="paddlemix", model_dir=out)
+
+
+def _fetch_hf_weights(text: str, repo: str, cache_dir: Optional[Union[str, Path]]) -> Path:
+    failures = []
+    for filename in HF_WEIGHTS_FILES:
+        try:
+            return fetch_hf_file(repo, filename, cache_dir=cache_dir)
+        except DownloadError as e:
+            failures.append(str(e))
+    raise DownloadError(f"could not get the weights of {text!r}; tried {list(HF_WEIGHTS_FILES)}:\n  " + "\n  ".join(failures))
 
 
 def _from_dir(text: str, path: Path, cache_dir: Optional[Union[str, Path]], download: bool) -> Resolved:
@@ -306,9 +347,8 @@ def read_model_config(path: Union[str, Path]) -> Tuple[Dict[str, Any], str]:
 
 def _legacy_dir_target(path: Path, cache_dir: Optional[Union[str, Path]]) -> Path:
     """Where a local PaddleMIX directory is converted to: keyed by its absolute path."""
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    return root / "converted" / "local" / f"{path.name}-{key}"
+    return _cache_root(cache_dir) / "converted" / "local" / f"{path.name}-{key}"
 
 
 def _convert_legacy_dir(path: Path, model_cfg: Dict[str, Any], cache_dir: Optional[Union[str, Path]]) -> Path:

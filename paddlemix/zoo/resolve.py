@@ -91,7 +91,7 @@ HF_WEIGHTS_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"
 ACCEPTED_FORMS = (
     "an architecture name (paddlemix.list_models()); an architecture with pretrained=TAG "
     "(paddlemix.list_pretrained()); a zoo name or PaddleMIX id (paddlemix/CLIP/<name>); a model directory "
-    "or local-dir:PATH; a model-config JSON path; hf-hub:ORG/REPO of a registered repository; paddlemix:ZOO_NAME"
+    "or local-dir:PATH; a model-config JSON path; hf-hub:ORG/REPO (an open_clip repository); paddlemix:ZOO_NAME"
 )
 
 # Key layouts of the weights in a model directory whose config schema is known; None: detected from the keys.
@@ -143,7 +143,7 @@ def resolve(
         pretrained: a pretrained tag (with an architecture name), or a weights file or directory.
         cache_dir: cache root for downloads and conversions (default ``$PADDLEMIX_HOME``,
             else ``~/.cache/paddlemix``).
-        download: False never fetches or converts anything (see the module docstring).
+        download: False fetches no weights and converts nothing (see the module docstring).
         weights_required: the caller cannot use a config alone (rule 5), and a result without
             weights is an :class:`UnresolvedModelError`.
     """

@@ -85,13 +85,11 @@ def load(
         paddle.set_device(device)
     arch = _OPENAI_NAMES.get(str(name)) or _MIXER_NAMES.get(str(name), name)
     if pretrained is None and str(name) in _OPENAI_NAMES:
-        from .zoo import pretrained as zoo
-
-        pretrained = zoo.download_pretrained(arch, "openai", cache_dir=download_root)
+        pretrained = "openai"  # the zoo's (architecture, tag) for OpenAI's release
     elif pretrained is None and str(name) in _MIXER_NAMES:
         logger.warning("no pretrained weights exist for %s: returning a randomly initialised model "
                        "(pass pretrained=path to load trained weights)", name)
-    model = create_model(arch, pretrained, model_class=CLIPWithLogits)
+    model = create_model(arch, pretrained, model_class=CLIPWithLogits, cache_dir=download_root)
     pp = get_model_preprocess_cfg(model)
     preprocess = image_transform(
         pp["size"], is_train=False, mean=pp["mean"], std=pp["std"], interpolation=pp["interpolation"],

@@ -4,9 +4,11 @@
 
 ``--src`` is a weights file or directory in open_clip, EVA-CLIP, CLIPA, HF transformers,
 PaddleMIX or paddlemix layout (read without torch and without running pickled code).
-``--model`` names the architecture: a zoo name (which also gives the preprocessing), an
-architecture from ``paddlemix.list_models()``, or a config JSON (open_clip, open_clip_config.json,
-PaddleMIX, HF); it may be left out when ``--src`` is a directory with its config.
+``--model`` names the architecture, resolved as ``create_model`` resolves names but never
+downloading (:mod:`paddlemix.zoo.resolve`): a zoo name (which also gives the preprocessing;
+``paddlemix:<name>`` for the EVA-CLIP names that are architecture names too), an architecture from
+``paddlemix.list_models()``, or a config JSON (open_clip, open_clip_config.json, PaddleMIX, HF);
+it may be left out when ``--src`` is a directory with its config.
 
 The output (``config.json`` with ``preprocess_cfg``, ``model.safetensors``, ``manifest.json``
 with sha256 of each file) is verified before it is moved into place: the source is built in
@@ -39,7 +41,6 @@ from .zoo.checkpoint import iter_checkpoint_shards, load_state_dict
 from .zoo.key_maps import convert_state_dict, widen_bf16_bits
 from .zoo.legacy import LEGACY_WEIGHTS_NAME, paddlemix_differences, write_paddlemix_dir
 from .zoo.model_dir import DTYPES, convert_weights, parse_size, read_manifest, source_check, write_model_dir
-from .zoo.pretrained import model_config
 
 logger = logging.getLogger("paddlemix.convert")
 
@@ -79,7 +80,7 @@ def _model_cfg(args: argparse.Namespace) -> Dict[str, Any]:
     target = args.model if args.model is not None else args.src
     if args.model is None and not Path(args.src).is_dir():
         raise SystemExit("--model is required when --src is a file (a zoo name, an architecture, or a config JSON)")
-    cfg = model_config(target)
+    cfg = resolve(target, download=False).model_cfg
     preprocess = dict(cfg.get("preprocess_cfg") or {})
     overrides = {"mean": args.mean, "std": args.std, "interpolation": args.interpolation,
                  "resize_mode": args.resize_mode}

@@ -1,9 +1,10 @@
 """open_clip's model factory API: ``create_model``, ``create_model_and_transforms``, ``get_tokenizer``.
 
-``model`` may be a registered name, a path to an open_clip-schema model-config JSON,
-a directory holding an HF transformers CLIP checkpoint, or a directory written by
-``save_pretrained``. ``pretrained`` may be a weights file or directory in open_clip,
-EVA-CLIP, HF or paddlemix layout; conversion happens on load without torch.
+``model_name`` is resolved by :func:`paddlemix.zoo.resolve.resolve` (its docstring lists the rules):
+a registered architecture (with ``pretrained=TAG`` for zoo weights), a zoo name, a model directory
+(``save_pretrained`` output, HF CLIP, PaddleMIX, open_clip), a model-config JSON, or an explicit
+``local-dir:`` / ``hf-hub:`` / ``paddlemix:`` name. ``pretrained`` may also be a weights file or
+directory in open_clip, EVA-CLIP, HF or paddlemix layout; conversion happens on load without torch.
 """
 from __future__ import annotations
 
@@ -22,12 +23,9 @@ from .data.transforms import (
     image_transform,
 )
 from .models.clip_model import CLIP
-from .models.config import CLIPConfig, ConfigError
-from .zoo.key_maps import hf_config_to_model_cfg
+from .models.config import CLIPConfig
 from .zoo.loading import load_checkpoint
-from .zoo.legacy import is_legacy_config
-from .zoo.pretrained import model_config, resolve_factory_args
-from .zoo.registry import get_model_config, load_config_file, read_json
+from .zoo.resolve import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -35,49 +33,6 @@ __all__ = ["create_model", "create_model_and_transforms", "get_tokenizer", "get_
 
 PRECISIONS = ("fp32", "fp16", "bf16", "amp", "amp_bf16", "amp_bfloat16", "pure_fp16", "pure_bf16")
 _CAST = {"fp16": "float16", "pure_fp16": "float16", "bf16": "bfloat16", "pure_bf16": "bfloat16"}
-
-
-def _resolve_model(model_name: Union[str, Path]) -> Tuple[Dict[str, Any], Optional[Path]]:
-    """-> (open_clip-schema config, weights to load when ``pretrained`` is not given).
-
-    The config is validated here, before anything is built, so its errors name the file.
-    """
-    path = Path(model_name)
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"model directory {path} has no config.json")
-        try:
-            cfg, weights = _model_dir_config(path, cfg_file)
-        except ConfigError as err:
-            raise ConfigError(str(err) if str(cfg_file) in str(err) else f"model config {cfg_file}: {err}") from None
-        CLIPConfig.check_model_cfg(cfg, source=cfg_file)
-        return cfg, weights
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise FileNotFoundError(f"model config {path} does not exist")
-        return load_config_file(path), None
-    return get_model_config(str(model_name)), None
-
-
-def _model_dir_config(path: Path, cfg_file: Path) -> Tuple[Dict[str, Any], Optional[Path]]:
-    raw = read_json(cfg_file)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"model config {cfg_file} must be a JSON object, got {type(raw).__name__}")
-    if is_legacy_config(raw):  # PaddleMIX's own config.json also says model_type 'clip'
-        return model_config(path), path
-    if raw.get("model_type") == "clip":
-        return hf_config_to_model_cfg(raw), path
-    if raw.get("model_type") == CLIPConfig.model_type:
-        # Built from the config, then loaded by the same safe loader as any checkpoint,
-        # so a third-party directory never reaches a full pickle load.
-        return CLIPConfig.from_pretrained(str(path)).to_model_cfg(), path
-    if "vision_cfg" in raw and "text_cfg" in raw:
-        return raw, None
-    raise ValueError(
-        f"{cfg_file} is neither an HF CLIP config (model_type 'clip'), a paddlemix config, "
-        f"nor an open_clip model config (got model_type {raw.get('model_type')!r})"
-    )
 
 
 def create_model(
@@ -91,6 +46,7 @@ def create_model(
     force_context_length: Optional[int] = None,
     output_dict: Optional[bool] = None,
     model_class: Type[CLIP] = CLIP,
+    cache_dir: Optional[Union[str, Path]] = None,
 ) -> CLIP:
     """Build a CLIP-family model and load its weights.
 
@@ -98,13 +54,13 @@ def create_model(
     API's logits-returning model in :mod:`paddlemix.clip`); the weights are the same.
 
     ``precision`` 'fp16' / 'bf16' cast the weights (norms still compute in fp32);
-    'amp' keeps fp32 weights for use under ``paddle.amp.auto_cast``.
+    'amp' keeps fp32 weights for use under ``paddle.amp.auto_cast``. ``cache_dir`` is where zoo
+    weights are downloaded and converted (default ``$PADDLEMIX_HOME``, else ``~/.cache/paddlemix``).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    # Zoo weights ((arch, tag), a zoo name, a PaddleMIX directory) become a local model directory.
-    model_name, pretrained = resolve_factory_args(model_name, pretrained)
-    cfg, default_weights = _resolve_model(model_name)
+    resolved = resolve(model_name, pretrained, cache_dir=cache_dir)
+    cfg = resolved.model_cfg
     if force_quick_gelu:
         cfg["quick_gelu"] = True
         for tower in ("vision_cfg", "text_cfg"):  # a tower's own setting would otherwise win
@@ -117,7 +73,7 @@ def create_model(
     if force_context_length is not None:
         cfg["text_cfg"]["context_length"] = force_context_length
     config = CLIPConfig.from_model_cfg(cfg)
-    weights = pretrained if pretrained is not None else default_weights
+    weights = resolved.weights
     if weights is None:
         model = model_class(config)
     else:
@@ -125,7 +81,7 @@ def create_model(
         # init: building lazily makes loading a ViT-B-16 ~7x faster.
         with paddle.LazyGuard():
             model = model_class(config)
-        load_checkpoint(model, weights, dtype=_CAST.get(precision), progress=None)
+        load_checkpoint(model, weights, layout=resolved.layout, dtype=_CAST.get(precision), progress=None)
     # Where the weights came from (None: random initialisation), for tools that must tell.
     model.weights_source = None if weights is None else str(weights)
     if precision in _CAST:
@@ -167,6 +123,7 @@ def create_model_and_transforms(
     square_resize_only: bool = False,
     aug_cfg: Optional[Dict[str, Any]] = None,
     output_dict: Optional[bool] = None,
+    cache_dir: Optional[Union[str, Path]] = None,
 ) -> Tuple[CLIP, ImageTransform, ImageTransform]:
     """``(model, preprocess_train, preprocess_val)``, as open_clip returns them.
 
@@ -182,6 +139,7 @@ def create_model_and_transforms(
         force_patch_dropout=force_patch_dropout,
         force_context_length=force_context_length,
         output_dict=output_dict,
+        cache_dir=cache_dir,
     )
     pp = get_model_preprocess_cfg(model)
     overrides = {
@@ -212,13 +170,14 @@ def get_tokenizer(
     (CLIPA). The BERT vocabulary is not bundled: it is read from ``vocab_file``, else from the
     model directory's ``vocab.txt``, else from ``$PADDLEMIX_HOME/vocab/<name>/vocab.txt``.
     """
+    model_dir = None
     if isinstance(model_name, CLIP):
         text_cfg = model_name.config.text_cfg
     elif model_name is None:
         text_cfg = {}
     else:
-        text_cfg = model_config(model_name).get("text_cfg", {})
+        resolved = resolve(model_name, download=False)
+        text_cfg, model_dir = resolved.model_cfg.get("text_cfg", {}), resolved.model_dir
     if text_cfg.get("hf_tokenizer_name"):
-        model_dir = model_name if isinstance(model_name, (str, Path)) and Path(model_name).is_dir() else None
         return BertTokenizer.from_text_cfg(text_cfg, context_length, vocab_file=vocab_file, model_dir=model_dir)
     return SimpleTokenizer(context_length=context_length or text_cfg.get("context_length", 77))

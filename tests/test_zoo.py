@@ -27,8 +27,9 @@ from paddlemix.zoo.key_maps import ConversionError, detect_layout
 from paddlemix.zoo.download import DownloadError, file_sha256
 from paddlemix.zoo.model_dir import manifest_problem
 from paddlemix.zoo.legacy import legacy_config_to_model_cfg
-from paddlemix.zoo.loading import WeightLoadError
+from paddlemix.zoo.loading import WeightLoadError, load_tower
 from paddlemix.zoo.registry import CONFIG_DIR, get_model_config
+from paddlemix.zoo.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY = Path(__file__).parent / "fixtures" / "parity"
@@ -371,7 +372,7 @@ def test_paddlemix_model_directory_loads_and_is_converted_once(case, home, tmp_p
     for name in ("config.json", "model_state.pdparams"):
         shutil.copy(fixture / name, src / name)
     assert_reference(paddlemix.create_model(src), fixture)
-    converted = zoo.resolve_model_dir(src)
+    converted = resolve(src).weights
     assert converted.parent == home / "converted" / "local" and manifest_problem(converted, full=True) is None
     stamp = (converted / "model.safetensors").stat().st_mtime_ns
     assert_reference(CLIP.from_pretrained(str(src)), fixture)
@@ -410,19 +411,19 @@ def test_split_tower_files_load_into_a_tower_alone(case, tmp_path):
     model = paddlemix.create_model(case / "model_config.json")  # random weights
     expected = np.load(case / "outputs.npz")
     before = model.text.token_embedding.weight.numpy().copy()
-    zoo.load_tower(model.visual, vision_file)
+    load_tower(model.visual, vision_file)
     np.testing.assert_array_equal(model.text.token_embedding.weight.numpy(), before)  # the other tower is untouched
     np.testing.assert_allclose(features(model, case)[0], expected["image_features"], rtol=0, atol=1e-4)
-    zoo.load_tower(model.text, text_file)
+    load_tower(model.text, text_file)
     np.testing.assert_allclose(features(model, case)[1], expected["text_features"], rtol=0, atol=1e-4)
     # A whole-model checkpoint gives one tower too; a tower file for the other tower is refused by name.
     fresh = paddlemix.create_model(case / "model_config.json")
-    zoo.load_tower(fresh.text, case / "pytorch_model.bin")
+    load_tower(fresh.text, case / "pytorch_model.bin")
     np.testing.assert_allclose(features(fresh, case)[1], expected["text_features"], rtol=0, atol=1e-4)
     with pytest.raises(WeightLoadError, match=r"no conversion rule knows: \['visual.ln_final.bias'"):
-        zoo.load_tower(fresh.visual, text_file)
+        load_tower(fresh.visual, text_file)
     with pytest.raises(TypeError, match="VisionTransformer or TextTransformer"):
-        zoo.load_tower(fresh, vision_file)
+        load_tower(fresh, vision_file)
 
 
 # ------------------------------------------------------------------------ the zoo over HTTP
@@ -467,7 +468,7 @@ def test_eva_from_paddlemix_bf16_is_kept_bf16(server, home):
         np.testing.assert_array_equal(got, want)
     out = home / "converted" / "tiny-EVA02-CLIP"
     assert safetensors_metadata(out / "model.safetensors")["dtype"] == "bf16"
-    assert zoo.resolve_factory_args("tiny-EVA02", "eva_clip") == (out, None)  # EVA-CLIP's tag spelling
+    assert resolve("tiny-EVA02", "eva_clip").weights == out  # EVA-CLIP's tag spelling
 
 
 def test_offline_and_not_cached_names_every_file_looked_for(server, home, monkeypatch):
@@ -583,4 +584,4 @@ def test_clip_load_resolves_openai_names_through_the_registry(home, monkeypatch,
     cached = tmp_path / "root" / "models" / "timm" / "vit_base_patch32_clip_224.openai" / "resolve" / "main"
     assert str(cached / "open_clip_pytorch_model.bin") in message
     # An architecture name alone builds the architecture; it never downloads (EVA names are both).
-    assert zoo.resolve_factory_args("EVA02-CLIP-L-14", None) == ("EVA02-CLIP-L-14", None)
+    assert (resolve("EVA02-CLIP-L-14").source, resolve("EVA02-CLIP-L-14").weights) == ("architecture", None)

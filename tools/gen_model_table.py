@@ -63,7 +63,8 @@ def render(registry: Dict[str, Any]) -> str:
         f"Generated from `paddlemix/zoo/pretrained.json` by `tools/gen_model_table.py`; do not edit by hand. "
         f"{len(registry['models'])} pretrained models. Params and ImageNet-1k zero-shot top-1 are the published "
         "numbers (open_clip's benchmark tables unless a note says otherwise). Use a model by its name "
-        "(`CLIP.from_pretrained(name)`, `create_model(name)`) or as `create_model(arch, pretrained=tag)`. "
+        "(`CLIP.from_pretrained(name)`, `create_model(f'paddlemix:{name}')`, or `create_model(name)` where the "
+        "name is not also an architecture name) or as `create_model(arch, pretrained=tag)`. "
         "Every entry computes as its original release does (open_clip's or EVA-CLIP's code), also when its weights "
         "come from PaddleMIX's host; notes name the entries for which PaddleMIX's own classes compute otherwise.",
     ]

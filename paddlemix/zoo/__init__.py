@@ -12,20 +12,21 @@ import paddle
 from ..models.clip_model import CLIP
 from .legacy import write_paddlemix_dir
 from .loading import load_checkpoint
-from .pretrained import resolve_model_dir
+from .resolve import resolve
 
 
 def load_pretrained_model(cls, pretrained_model_name_or_path, *args, dtype: Optional[str] = None, **kwargs) -> CLIP:
-    """``CLIP.from_pretrained``: a model directory or zoo name, weights read by the strict loader, in eval mode."""
+    """``CLIP.from_pretrained``: a name with weights (:func:`~paddlemix.zoo.resolve.resolve`), read by the
+    strict loader, in eval mode."""
     if args or kwargs:
         raise TypeError(f"unsupported from_pretrained arguments: {args} {sorted(kwargs)}")
-    path = resolve_model_dir(pretrained_model_name_or_path)
-    config = cls.config_class.from_pretrained(str(path))
+    resolved = resolve(pretrained_model_name_or_path, weights_required=True)
+    config = cls.config_class.from_model_cfg(resolved.model_cfg)
     # As create_model does: the strict loader fills every parameter, so the model is built
     # without random init and each tensor is cast on its way in.
     with paddle.LazyGuard():
         model = cls(config)
-    load_checkpoint(model, path, dtype=dtype, progress=None)
+    load_checkpoint(model, resolved.weights, layout=resolved.layout, dtype=dtype, progress=None)
     if dtype is not None:  # buffers outside the state dict
         model.to(dtype=dtype)
     model.eval()

@@ -19,13 +19,13 @@ from paddlenlp.transformers.configuration_utils import PretrainedConfig
 
 from .formats.lazy import bf16_bits_to_float32
 from .key_maps import ConversionError
+from .registry import LEGACY_MODEL_TYPES, config_kind
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LEGACY_MODEL_TYPES",
     "LEGACY_WEIGHTS_NAME",
-    "is_legacy_config",
     "legacy_config_to_model_cfg",
     "model_cfg_to_legacy_config",
     "paddlemix_differences",
@@ -33,19 +33,12 @@ __all__ = [
     "write_paddlemix_dir",
 ]
 
-LEGACY_MODEL_TYPES = ("clip", "evaclip")
-
 # PaddleMIX switches that only choose kernels or training behaviour; they do not change the weights.
 _RUNTIME_ONLY = {
     "xattn", "flash_attn", "fusedlinear", "fusedLN", "enable_recompute", "batchsize", "output_tokens",
     "token_feats", "fuse_qv", "patch_dropout", "drop_rate", "attn_drop_rate", "drop_path_rate", "init_scale",
     "qk_scale", "in_chans", "model_type", "return_dict", "embed_dim", "output_dim", "attn_mask",
 }
-
-
-def is_legacy_config(raw: Dict[str, Any]) -> bool:
-    """True for a PaddleMIX config.json (HF's CLIP configs have ``vision_config`` but no ``vision_cfg``)."""
-    return raw.get("model_type") in LEGACY_MODEL_TYPES and isinstance(raw.get("vision_cfg"), dict)
 
 
 def _take(cfg: Dict[str, Any], mapping: Dict[str, str]) -> Dict[str, Any]:
@@ -131,7 +124,7 @@ def legacy_config_to_model_cfg(raw: Dict[str, Any]) -> Dict[str, Any]:
     know could change the architecture, and the strict weight loader would then report a
     confusing mismatch instead of the real cause.
     """
-    if not is_legacy_config(raw):
+    if config_kind(raw) != "paddlemix_legacy":
         raise ConversionError(
             f"not a PaddleMIX config (model_type {raw.get('model_type')!r}, keys {sorted(raw)[:12]}); "
             f"expected model_type in {LEGACY_MODEL_TYPES} with a 'vision_cfg' object"

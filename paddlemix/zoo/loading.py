@@ -22,7 +22,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import paddle
@@ -30,13 +30,14 @@ from tqdm import tqdm
 
 
 from ..errors import PaddleMIXError
+from ..models.transformer import TextTransformer, VisionTransformer
 from .checkpoint import iter_checkpoint_shards
 from .formats import LazyArray, release
-from .key_maps import ConversionError, convert_shards, resize_pos_embed
+from .key_maps import ConversionError, convert_shards, convert_state_dict, detect_layout, resize_pos_embed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_checkpoint", "load_state_dict_into", "WeightLoadError"]
+__all__ = ["load_checkpoint", "load_state_dict_into", "load_tower", "WeightLoadError"]
 
 
 class WeightLoadError(PaddleMIXError, ValueError):
@@ -228,3 +229,37 @@ def load_checkpoint(
         )
     except ConversionError as e:
         raise WeightLoadError(f"{path}: {e}") from e
+
+
+def load_tower(tower: paddle.nn.Layer, path: Union[str, Path], layout: Optional[str] = None) -> None:
+    """Load one tower's weights, strictly, from a tower file or from a whole-model checkpoint.
+
+    Tower files (PaddleMIX's ``model_state_vision.pdparams`` / ``model_state_text.pdparams``,
+    or any layout's tower state dict) hold names without the ``visual.`` / ``text.`` prefix;
+    a whole-model checkpoint contributes only this tower's weights.
+    """
+    if isinstance(tower, VisionTransformer):
+        prefix = "visual"
+    elif isinstance(tower, TextTransformer):
+        prefix = "text"
+    else:
+        raise TypeError(f"load_tower needs a VisionTransformer or TextTransformer (model.visual / model.text), "
+                        f"got {type(tower).__name__}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tower weights {path} do not exist")
+
+    def shards() -> Iterator[Dict[str, Any]]:
+        for shard in iter_checkpoint_shards(path):
+            whole = any(k.startswith(("visual.", "text.")) for k in shard)
+            if not whole:
+                shard = {f"{prefix}.{k}": v for k, v in shard.items()}
+            try:
+                converted = convert_state_dict(shard, layout or detect_layout(shard), lazy=True)
+            except ConversionError as e:
+                raise WeightLoadError(f"{path}: {e}") from e
+            yield {k: v for k, v in converted.items() if k.startswith(prefix + ".")}
+
+    holder = paddle.nn.Layer()
+    setattr(holder, prefix, tower)  # names become '<prefix>.*' and the loader finds visual.grid_size
+    load_state_dict_into(holder, shards(), layout="paddlemix", source=str(path))

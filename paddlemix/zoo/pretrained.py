@@ -1,4 +1,4 @@
-"""Pretrained weights: the zoo registry, and resolving a zoo name to a local model directory.
+"""Pretrained weights: the zoo registry, and fetching a zoo entry into a local model directory.
 
 The registry is data (``paddlemix/zoo/pretrained.json``): every entry names an architecture
 config, the preprocessing the weights were trained with, published numbers, and where the
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -24,14 +23,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-import paddle
-
 from .._util import exclusive_lock
 from ..errors import PaddleMIXError
-from ..models.config import CLIPConfig
-from ..models.transformer import TextTransformer, VisionTransformer
-from .checkpoint import iter_checkpoint_shards
-from .key_maps import ConversionError, convert_state_dict, detect_layout, hf_config_to_model_cfg
+from .key_maps import ConversionError
 from .download import (
     DownloadError,
     cache_dir as default_cache_root,
@@ -41,10 +35,9 @@ from .download import (
     is_offline,
     model_url,
 )
-from .model_dir import CONFIG_NAME, MANIFEST_NAME, manifest_problem, write_model_dir
-from .legacy import is_legacy_config, legacy_config_to_model_cfg, paddlemix_differences
-from .loading import WeightLoadError, load_state_dict_into
-from .registry import UnknownModelError, get_model_config, load_config_file, read_json
+from .model_dir import manifest_problem, write_model_dir
+from .legacy import legacy_config_to_model_cfg, paddlemix_differences
+from .registry import config_kind, get_model_config, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +48,11 @@ __all__ = [
     "UnknownPretrainedError",
     "default_registry",
     "download_pretrained",
+    "fetch_hf_file",
     "get_pretrained_entry",
     "list_pretrained",
     "list_pretrained_tags",
-    "load_tower",
-    "model_config",
     "register_pretrained",
-    "resolve_factory_args",
-    "resolve_model_dir",
     "resolve_pretrained",
     "unregister_pretrained",
 ]
@@ -321,7 +311,7 @@ def _check_legacy_config(entry: PretrainedEntry, config_file: Path) -> None:
     list of mis-shaped weights that hides the cause.
     """
     raw = read_json(config_file)
-    if not is_legacy_config(raw):
+    if config_kind(raw) != "paddlemix_legacy":
         return  # a mirror may hold a paddlemix-schema config; the strict loader still checks the weights
     hosted, ours = legacy_config_to_model_cfg(raw), entry.model_cfg()
     checks = [("embed_dim", hosted["embed_dim"], ours["embed_dim"])]
@@ -436,6 +426,19 @@ def _sources_of(entry: PretrainedEntry) -> List[str]:
     return [s for s, v in (("paddlemix", entry.paddlemix), ("hf", entry.hf)) if v]
 
 
+def fetch_hf_file(
+    repo: str, filename: str, *, revision: str = "main", cache_dir: Optional[Union[str, Path]] = None,
+    hf_endpoint: Optional[str] = None, sha256: Optional[str] = None, offline: Optional[bool] = None,
+    progress: bool = True,
+) -> Path:
+    """One file of a Hugging Face hub repository, from the cache or the hub (``$HF_ENDPOINT`` or a mirror).
+
+    Cached as ``<cache>/models/<repo>/resolve/<revision>/<file>``, apart from PaddleMIX's ids.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else None
+    return _fetch(root, f"{repo}/resolve/{revision}", filename, _hf_endpoint(hf_endpoint), sha256, offline, progress)
+
+
 def _fetch_source(
     entry: PretrainedEntry, source: str, root: Optional[Path], host: Optional[str], hf_endpoint: Optional[str],
     offline: Optional[bool], progress: bool,
@@ -449,194 +452,12 @@ def _fetch_source(
         return weights, "paddlemix_legacy", model_url(entry.paddlemix, PADDLEMIX_FILES[1], host)
     if source == "hf" and entry.hf is not None:
         hf = entry.hf
-        endpoint = _hf_endpoint(hf_endpoint)
-        # Cached as <root>/models/<repo>/resolve/<revision>/<file>, apart from PaddleMIX's ids.
-        weights = _fetch(root, f"{hf.repo}/resolve/{hf.revision}", hf.file, endpoint, entry.sha256.get(hf.file),
-                         offline, progress)
-        return weights, hf.layout, hf.url(endpoint)
+        weights = fetch_hf_file(hf.repo, hf.file, revision=hf.revision, cache_dir=root, hf_endpoint=hf_endpoint,
+                                sha256=entry.sha256.get(hf.file), offline=offline, progress=progress)
+        return weights, hf.layout, hf.url(_hf_endpoint(hf_endpoint))
     raise DownloadError(f"{entry.name!r} has no {source!r} source")
 
 
 def download_pretrained(arch: str, tag: str, cache_dir: Optional[str] = None) -> Path:
     """The local model directory of ``(arch, tag)``; what ``clip.load('ViT-B/32')`` uses with tag 'openai'."""
     return resolve_pretrained(arch, tag, cache_dir=cache_dir)
-
-
-# ------------------------------------------------------------------------ local directories
-
-
-def _legacy_dir_target(path: Path) -> Path:
-    """Where a local PaddleMIX directory is converted to: keyed by its absolute path."""
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    return default_cache_root() / "converted" / "local" / f"{path.name}-{key}"
-
-
-def _convert_legacy_dir(path: Path, raw: Dict[str, Any]) -> Path:
-    """A local PaddleMIX directory (its own config schema and .pdparams) as a paddlemix directory.
-
-    Converted once into the cache, keeping the source's precision (a user's own fine-tuned
-    fp32 weights stay fp32); converted again when the source weights change (size or mtime)
-    or the translated architecture does (an edited config.json, or a corrected translation).
-    """
-    weights = path / PADDLEMIX_FILES[1]
-    if not weights.is_file():
-        raise FileNotFoundError(f"PaddleMIX model directory {path} has no {PADDLEMIX_FILES[1]}")
-    st = weights.stat()
-    model_cfg = legacy_config_to_model_cfg(raw)
-    cfg_key = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()
-    stamp = {"path": str(weights.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model_cfg": cfg_key}
-    out = _legacy_dir_target(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(out.with_name(out.name + ".lock"), f"converting {path}"):
-        if manifest_problem(out) is None:
-            recorded = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8")).get("source", {})
-            if all(recorded.get(k) == v for k, v in stamp.items()):
-                return out
-        return write_model_dir(weights, model_cfg, out, dtype="keep", layout="paddlemix_legacy",
-                               source={"source": "local PaddleMIX directory", **stamp}, overwrite=True)
-
-
-def resolve_model_dir(name_or_path: Union[str, Path]) -> Path:
-    """A local directory holding ``config.json`` and weights that paddlemix can load.
-
-    ``name_or_path`` is a directory (``save_pretrained`` output, a converted zoo directory, an
-    HF CLIP directory, or a PaddleMIX one, which is converted into the cache), or a zoo name
-    (``CLIP-ViT-L-14-laion2B-s32B-b82K``, ``paddlemix/CLIP/<name>``, ``hf-hub:<repo>``),
-    downloaded and converted on first use.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        config_file = path / CONFIG_NAME
-        if not config_file.is_file():
-            raise FileNotFoundError(f"model directory {path} has no {CONFIG_NAME}")
-        raw = read_json(config_file)
-        return _convert_legacy_dir(path, raw) if is_legacy_config(raw) else path
-    if path.exists():
-        raise FileNotFoundError(f"{path} is a file; give a model directory or a zoo name")
-    entry = default_registry().find(str(name_or_path))
-    if entry is None:
-        close = difflib.get_close_matches(str(name_or_path), [e.name for e in default_registry()], n=5)
-        raise FileNotFoundError(
-            f"{str(name_or_path)!r} is neither a local model directory nor a zoo name."
-            f"{' Did you mean ' + str(close) + '?' if close else ''} paddlemix.list_pretrained() lists the zoo."
-        )
-    return resolve_pretrained(entry)
-
-
-OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"  # what open_clip's HF hub repos carry next to the weights
-
-
-def _config_from_json(path: Path) -> Dict[str, Any]:
-    raw = read_json(path)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    if isinstance(raw.get("model_cfg"), dict):  # open_clip_config.json: architecture + preprocessing
-        cfg = dict(raw["model_cfg"])
-        if isinstance(raw.get("preprocess_cfg"), dict):
-            cfg["preprocess_cfg"] = dict(raw["preprocess_cfg"])
-        return cfg
-    if is_legacy_config(raw):
-        return legacy_config_to_model_cfg(raw)
-    if raw.get("model_type") == "clip":
-        return hf_config_to_model_cfg(raw)
-    if raw.get("model_type") == CLIPConfig.model_type:
-        return CLIPConfig.from_dict(raw).to_model_cfg()
-    return load_config_file(path)
-
-
-def model_config(model: Union[str, Path]) -> Dict[str, Any]:
-    """The open_clip-schema config (with ``preprocess_cfg`` when known) that ``model`` names.
-
-    ``model`` is a zoo name (its architecture and preprocessing), an architecture name, a config
-    JSON in any supported schema (open_clip, ``open_clip_config.json``, PaddleMIX, HF, paddlemix),
-    or a directory holding one. Never downloads anything.
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        for name in (OPEN_CLIP_CONFIG_NAME, CONFIG_NAME):
-            if (path / name).is_file():
-                return _config_from_json(path / name)
-        raise FileNotFoundError(f"{path} has neither {OPEN_CLIP_CONFIG_NAME} nor {CONFIG_NAME}")
-    if path.is_file() or path.suffix == ".json":
-        if not path.is_file():
-            raise FileNotFoundError(f"model config {path} does not exist")
-        return _config_from_json(path)
-    entry = default_registry().find(str(model))
-    if entry is not None:
-        return entry.model_cfg()
-    return get_model_config(str(model))
-
-
-def _is_tag_like(value: str) -> bool:
-    """A bare word (not a path): what a pretrained tag looks like."""
-    return "/" not in value and os.sep not in value and not Path(value).suffix
-
-
-def resolve_factory_args(
-    model_name: Union[str, Path], pretrained: Optional[Union[str, Path]]
-) -> Tuple[Union[str, Path], Optional[Union[str, Path]]]:
-    """Map ``create_model``'s arguments onto local paths when they name zoo weights.
-
-    * ``(arch, tag)`` registered (``create_model('ViT-B-32', pretrained='laion2b_s34b_b79k')``)
-      becomes the converted directory, whose config.json carries the arch and its preprocessing;
-    * a zoo name / PaddleMIX id / ``hf-hub:`` id as ``model_name`` likewise;
-    * a PaddleMIX model directory is converted;
-    * anything else is returned unchanged. An architecture name alone never downloads.
-    """
-    if pretrained is not None:
-        if isinstance(pretrained, str) and not Path(pretrained).exists():
-            entry = default_registry().find(str(model_name), pretrained)
-            if entry is not None:
-                return resolve_pretrained(entry), None
-            if _is_tag_like(pretrained) and not Path(str(model_name)).exists():
-                default_registry().get(str(model_name), pretrained)  # raises, listing the valid tags
-        return model_name, pretrained
-    path = Path(model_name)
-    if path.is_dir():
-        return resolve_model_dir(path), None
-    if isinstance(model_name, str) and path.suffix != ".json":
-        try:
-            get_model_config(model_name)
-            return model_name, None
-        except UnknownModelError:
-            entry = default_registry().find(model_name)
-            if entry is not None:
-                return resolve_pretrained(entry), None
-    return model_name, pretrained
-
-
-# -------------------------------------------------------------------------------------- towers
-
-
-def load_tower(tower: paddle.nn.Layer, path: Union[str, Path], layout: Optional[str] = None) -> None:
-    """Load one tower's weights, strictly, from a tower file or from a whole-model checkpoint.
-
-    Tower files (PaddleMIX's ``model_state_vision.pdparams`` / ``model_state_text.pdparams``,
-    or any layout's tower state dict) hold names without the ``visual.`` / ``text.`` prefix;
-    a whole-model checkpoint contributes only this tower's weights.
-    """
-    if isinstance(tower, VisionTransformer):
-        prefix = "visual"
-    elif isinstance(tower, TextTransformer):
-        prefix = "text"
-    else:
-        raise TypeError(f"load_tower needs a VisionTransformer or TextTransformer (model.visual / model.text), "
-                        f"got {type(tower).__name__}")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"tower weights {path} do not exist")
-
-    def shards() -> Iterator[Dict[str, Any]]:
-        for shard in iter_checkpoint_shards(path):
-            whole = any(k.startswith(("visual.", "text.")) for k in shard)
-            if not whole:
-                shard = {f"{prefix}.{k}": v for k, v in shard.items()}
-            try:
-                converted = convert_state_dict(shard, layout or detect_layout(shard), lazy=True)
-            except ConversionError as e:
-                raise WeightLoadError(f"{path}: {e}") from e
-            yield {k: v for k, v in converted.items() if k.startswith(prefix + ".")}
-
-    holder = paddle.nn.Layer()
-    setattr(holder, prefix, tower)  # names become '<prefix>.*' and the loader finds visual.grid_size
-    load_state_dict_into(holder, shards(), layout="paddlemix", source=str(path))

@@ -1,7 +1,8 @@
-"""Registry of model architectures: every JSON file in ``paddlemix/model_configs/`` is one name.
+"""Registry of model architectures, and the one place that tells config schemas apart.
 
-The JSON files are open_clip-schema model configs; ``list_models()`` is just their
-names, so adding an architecture is adding a file.
+Every JSON file in ``paddlemix/model_configs/`` is one name: the files are open_clip-schema model
+configs, and ``list_models()`` is just their names, so adding an architecture is adding a file.
+:func:`config_kind` recognises the other schemas a model directory's ``config.json`` may be in.
 """
 from __future__ import annotations
 
@@ -11,14 +12,24 @@ import logging
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ..errors import PaddleMIXError
 from ..models.config import CLIPConfig, ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_DIR", "list_models", "get_model_config", "load_config_file", "read_json", "UnknownModelError"]
+__all__ = [
+    "CONFIG_DIR",
+    "CONFIG_KINDS",
+    "LEGACY_MODEL_TYPES",
+    "UnknownModelError",
+    "config_kind",
+    "get_model_config",
+    "list_models",
+    "load_config_file",
+    "read_json",
+]
 
 # Package data (it ships in the wheel), so the registry works from any install and working directory.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
@@ -56,6 +67,45 @@ def read_json(path, what: str = "model config") -> Any:
             f"{sys.getrecursionlimit()}); a model config is an object whose 'vision_cfg' and 'text_cfg' objects "
             "hold plain values"
         ) from None
+
+
+# ``model_type`` of PaddleMIX's own configs: its ``CLIPConfig`` says 'clip', the string HF transformers'
+# CLIP configs also carry, and its ``EVACLIPConfig`` 'evaclip'.
+LEGACY_MODEL_TYPES = ("clip", "evaclip")
+CONFIG_KINDS = ("open_clip_config", "paddlemix_legacy", "hf", "paddlemix", "open_clip")
+
+
+def config_kind(raw: Any) -> Optional[str]:
+    """The schema a model config dict is in, from explicit markers; None when none matches.
+
+    Checked in this order (the first match wins):
+
+    * ``open_clip_config``: a ``model_cfg`` object (``open_clip_config.json``, which open_clip's
+      HF-hub repos carry: the architecture under ``model_cfg``, the transforms under ``preprocess_cfg``).
+    * ``paddlemix_legacy``: ``model_type`` 'clip' or 'evaclip' *and* a ``vision_cfg`` object.
+      PaddleMIX's ``config.json`` keeps its towers under ``vision_cfg`` / ``text_cfg`` (PaddleNLP
+      also copies them to ``vision_config`` / ``text_config``); HF never writes ``vision_cfg``.
+      This is what tells the two ``model_type: "clip"`` schemas apart.
+    * ``hf``: ``model_type`` 'clip' with a ``vision_config`` object and no ``vision_cfg``
+      (HF transformers' ``CLIPConfig``: ``hidden_size``, ``num_hidden_layers``, ...).
+    * ``paddlemix``: ``model_type`` 'paddlemix_clip' (this project's ``save_pretrained``).
+    * ``open_clip``: ``vision_cfg`` and ``text_cfg`` without any of the above (open_clip's and
+      EVA-CLIP's model-config JSONs, ``paddlemix/model_configs/*.json``).
+    """
+    if not isinstance(raw, dict):
+        return None
+    model_type = raw.get("model_type")
+    if isinstance(raw.get("model_cfg"), dict):
+        return "open_clip_config"
+    if model_type in LEGACY_MODEL_TYPES and isinstance(raw.get("vision_cfg"), dict):
+        return "paddlemix_legacy"
+    if model_type == "clip" and isinstance(raw.get("vision_config"), dict):
+        return "hf"
+    if model_type == CLIPConfig.model_type:
+        return "paddlemix"
+    if model_type is None and "vision_cfg" in raw and "text_cfg" in raw:
+        return "open_clip"
+    return None
 
 
 def load_config_file(path) -> Dict[str, Any]:

@@ -41,6 +41,7 @@ from .zoo.checkpoint import iter_checkpoint_shards, load_state_dict
 from .zoo.key_maps import convert_state_dict, widen_bf16_bits
 from .zoo.legacy import LEGACY_WEIGHTS_NAME, paddlemix_differences, write_paddlemix_dir
 from .zoo.model_dir import DTYPES, convert_weights, parse_size, read_manifest, source_check, write_model_dir
+from .zoo.resolve import resolve
 
 logger = logging.getLogger("paddlemix.convert")
 

@@ -212,9 +212,12 @@ class CLIP(PretrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype: Optional[str] = None, **kwargs):
         """Build from ``config.json`` and load the weights with the strict, pickle-free loader.
 
-        Accepts a ``save_pretrained`` directory (safetensors, sharded or legacy ``.pdparams``)
-        or a model-zoo name. Unlike PaddleNLP's loader, a third-party directory never reaches
-        a full pickle load, and missing or unexpected weights are an error.
+        Accepts what ``create_model`` accepts (the one resolver, ``paddlemix.zoo.resolve``): a
+        ``save_pretrained`` or PaddleMIX directory (safetensors, sharded or legacy ``.pdparams``),
+        a model-zoo name, or an explicit ``local-dir:PATH``, ``hf-hub:ORG/REPO`` or ``paddlemix:NAME``;
+        a name that is also an architecture means its zoo weights here. Unlike PaddleNLP's loader,
+        a third-party directory never reaches a full pickle load, and missing or unexpected
+        weights are an error.
         """
         if CLIP._pretrained_loader is None:
             raise RuntimeError("CLIP.from_pretrained needs the model zoo's loader; `import paddlemix.zoo` registers it")

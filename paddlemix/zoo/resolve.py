@@ -1,7 +1,7 @@
 """How a name becomes a model: the one resolver behind every entry point.
 
 ``create_model``, ``create_model_and_transforms``, ``get_tokenizer``, ``CLIP.from_pretrained``,
-``clip.load``, ``eva_clip`` and the CLIPs all call :func:`resolve`, which turns what the user wrote
+``clip.load``, ``eva_clip`` and the CLIs all call :func:`resolve`, which turns what the user wrote
 into a :class:`Resolved`: a validated open_clip-schema model config, where the weights are (or
 None: random initialisation), what kind of source that was, and the weights' key layout when it is
 known. Its rules, in order (the first that applies decides):

@@ -114,3 +114,37 @@ def test_model_code_asks_dispatch_instead_of_testing_places():
         if word in path.read_text(encoding="utf-8")
     ]
     assert not offenders, offenders
+
+
+def test_linear_gelu_adds_the_bias_in_the_gelu_pass_with_the_same_bits():
+    assert dispatch.status().available  # CI builds the library
+    x = _x()
+    assert dispatch.choose("linear_gelu", x) == "paddlemix"
+    assert dispatch.choose("linear_gelu", x, grad=True) == "separate"
+    assert dispatch.choose("linear_gelu", x, params_fp32=False) == "separate"
+    assert dispatch.choose("linear_gelu", _x("float16")) == "separate"
+    rng = np.random.default_rng(7)
+    x = paddle.to_tensor(rng.standard_normal([3, 5, 24]).astype("float32"))
+    w = paddle.to_tensor(rng.standard_normal([24, 37]).astype("float32"))  # 37: vector lanes and a scalar tail
+    b = paddle.to_tensor(rng.standard_normal([37]).astype("float32"))
+    with paddle.no_grad():
+        fused = dispatch.linear_gelu(x, w, b)
+        separate = dispatch.linear_gelu(x, w, b, impl="separate")
+        reference = dispatch.gelu(dispatch.linear(x, w, b))
+    assert fused.shape == [3, 5, 37]
+    np.testing.assert_array_equal(fused.numpy(), separate.numpy())
+    np.testing.assert_array_equal(fused.numpy(), reference.numpy())
+
+
+def test_linear_gelu_with_a_gradient_takes_the_separate_path():
+    rng = np.random.default_rng(8)
+    x = paddle.to_tensor(rng.standard_normal([4, 16]).astype("float32"), stop_gradient=False)
+    w = paddle.to_tensor(rng.standard_normal([16, 8]).astype("float32"))
+    b = paddle.to_tensor(rng.standard_normal([8]).astype("float32"))
+    y = dispatch.linear_gelu(x, w, b)  # grad enabled and x needs one: the operator has no backward
+    (gx,) = paddle.grad([y.sum()], [x])
+    ref_x = paddle.to_tensor(x.numpy(), stop_gradient=False)
+    (want,) = paddle.grad([paddle.nn.functional.gelu(paddle.nn.functional.linear(ref_x, w, b)).sum()], [ref_x])
+    np.testing.assert_allclose(gx.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no gradient"):
+        dispatch.linear_gelu(x, w, b, impl="paddlemix")

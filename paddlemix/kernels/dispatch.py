@@ -23,6 +23,13 @@ The rules, and why:
 - ``layer_norm``: as ``gelu``, and only in training mode: the fused operator's backward is the
   fast part while its forward alone is slower than Paddle's. Training mode, not "grad enabled",
   decides, so that recompute's no-grad first pass matches its replay.
+- ``linear_gelu`` (a linear layer followed by exact GELU, the MLP's first half): ``"paddlemix"``
+  (the GEMM without its bias, then the library's ``cpu_bias_gelu`` adds the bias inside the GELU
+  pass) for float32 CPU tensors in dynamic mode when the library is loaded and no gradient is
+  taken; ``"separate"`` (``linear`` then ``gelu``) otherwise. A bias written into the GEMM's
+  output costs a pass over the widest activation of the block; the GELU reads it anyway. The
+  numbers are the same: MKL adds the output it is given after the product, so ``addmm`` and the
+  GEMM followed by the bias add round identically (tested bit for bit).
 - ``patch_embed``: ``"matmul"`` (the stride-equals-kernel convolution as one GEMM over patches)
   for float32 input and weight on a CPU in dynamic mode, ``"conv"`` otherwise.
 - ``fused_norm`` (the ``fusedLN`` layers of :mod:`paddlemix.models.fused_norm`, which decide at
@@ -44,12 +51,13 @@ from paddle.autograd import PyLayer
 
 from . import available, status
 
-__all__ = ["IMPLEMENTATIONS", "addmm_linear", "choose", "gelu", "layer_norm", "linear", "softmax"]
+__all__ = ["IMPLEMENTATIONS", "addmm_linear", "choose", "gelu", "layer_norm", "linear", "linear_gelu", "softmax"]
 
 IMPLEMENTATIONS: Dict[str, Tuple[str, ...]] = {
     "linear": ("addmm", "paddle"),
     "attention": ("cpu_einsum", "sdpa", "math"),
     "gelu": ("paddlemix", "paddle"),
+    "linear_gelu": ("paddlemix", "separate"),
     "layer_norm": ("paddlemix", "paddle"),
     "softmax": ("paddlemix", "paddle"),
     "patch_embed": ("matmul", "conv"),
@@ -88,12 +96,14 @@ def choose(
     params_fp32: bool = True,
     training: bool = False,
     fused_attn: bool = True,
+    grad: bool = False,
 ) -> str:
     """The implementation of ``op`` (a key of :data:`IMPLEMENTATIONS`) for input ``x``.
 
     ``params_fp32``: the layer's parameters are float32 (and present where the fast path needs
     them); ``training``: the layer is in training mode; ``fused_attn``: the attention layer may
-    use a fused formulation. ``impl`` names the implementation instead of choosing one.
+    use a fused formulation; ``grad``: a gradient will be taken through the call. ``impl`` names
+    the implementation instead of choosing one.
     """
     choices = IMPLEMENTATIONS.get(op)
     if choices is None:
@@ -113,6 +123,8 @@ def choose(
         if not fused_attn:
             return "math"
         return "cpu_einsum" if x.dtype == paddle.float32 and _on_cpu(x) else "sdpa"
+    if op == "linear_gelu":
+        return "paddlemix" if params_fp32 and not grad and _eager_cpu_fp32(x) and available() else "separate"
     if op == "patch_embed":
         return "matmul" if params_fp32 and _eager_cpu_fp32(x) else "conv"
     if op == "fused_norm":  # the layer decided at construction that the library is used
@@ -138,6 +150,11 @@ def run_fused_ln(x, residual, weight, bias, epsilon: float, rms_norm: bool, port
 def run_cpu_gelu(x: paddle.Tensor) -> paddle.Tensor:
     """The library's exact-GELU operator (float32 CPU tensors, differentiable)."""
     return _run_custom_op("cpu_gelu", x)[0]
+
+
+def run_cpu_bias_gelu(x: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
+    """The library's ``GELU(x + bias)`` operator (float32 CPU tensors, bias along the last axis; no gradient)."""
+    return _run_custom_op("cpu_bias_gelu", x, bias)[0]
 
 
 def run_cpu_softmax(x: paddle.Tensor) -> paddle.Tensor:
@@ -201,6 +218,22 @@ def gelu(x: paddle.Tensor, impl: Optional[str] = None) -> paddle.Tensor:
     if choose("gelu", x, impl=impl) == "paddlemix":
         return run_cpu_gelu(x)
     return F.gelu(x)
+
+
+def linear_gelu(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor], impl: Optional[str] = None):
+    """``gelu(x @ weight + bias)`` (exact GELU) by the implementation :func:`choose` names."""
+    fp32 = bias is not None and weight.dtype == paddle.float32
+    params = (x, weight) if bias is None else (x, weight, bias)
+    grad = paddle.is_grad_enabled() and not all(t.stop_gradient for t in params)
+    chosen = choose("linear_gelu", x, impl=impl, params_fp32=fp32, grad=grad)
+    if chosen == "paddlemix":
+        if grad or not fp32:
+            raise ValueError("linear_gelu implementation 'paddlemix' has no gradient and needs a float32 bias; "
+                             "call it under paddle.no_grad() or pass impl=None")
+        shape = x.shape
+        y = paddle.matmul(x.reshape([-1, shape[-1]]), weight)
+        return run_cpu_bias_gelu(y, bias).reshape(shape[:-1] + [weight.shape[-1]])
+    return gelu(linear(x, weight, bias))
 
 
 def softmax(x: paddle.Tensor, impl: Optional[str] = None) -> paddle.Tensor:

@@ -199,7 +199,10 @@ class Mlp(nn.Layer):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        x = self.act(self.fc1(x))
+        if type(self.fc1) is Linear and type(self.act) is GELU:  # one kernel choice for both (not a tensor-parallel fc1)
+            x = dispatch.linear_gelu(x, self.fc1.weight, self.fc1.bias)
+        else:
+            x = self.act(self.fc1(x))
         x = self.drop(self.norm(x))
         return self.drop(self.fc2(x))
 

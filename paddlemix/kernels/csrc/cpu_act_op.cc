@@ -3,6 +3,7 @@
 // Performance section has the measurements):
 //
 //   cpu_gelu(x)     exact (erf) GELU, x * Phi(x)
+//   cpu_bias_gelu(x, b)  GELU(x + b), b along the last axis (no gradient: inference)
 //   cpu_softmax(x)  softmax over the last axis
 //
 // with their gradient operators. Both are float32 on CPU only: the kernel
@@ -206,6 +207,10 @@ void GeluForwardGeneric(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = GeluScalar(x[i]);
 }
 
+void BiasGeluRowGeneric(const float* x, const float* b, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = GeluScalar(x[i] + b[i]);
+}
+
 void GeluBackwardGeneric(const float* x, const float* dy, float* dx, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dx[i] = GeluGradScalar(x[i], dy[i]);
 }
@@ -272,6 +277,21 @@ int64_t LastDim(const Tensor& t, const char* op) {
   return t.shape().back();
 }
 
+// Inference only (no gradient operator): the kernel dispatch calls it when no gradient is needed.
+std::vector<Tensor> BiasGeluFwd(const Tensor& x_in, const Tensor& b_in) {
+  const Tensor x = Checked(x_in, "cpu_bias_gelu", "x");
+  const Tensor b = Checked(b_in, "cpu_bias_gelu", "bias");
+  const int64_t cols = LastDim(x, "cpu_bias_gelu");
+  PD_CHECK(b.numel() == cols, "cpu_bias_gelu: bias has ", b.numel(), " values, x's last axis ", cols, ".");
+  Tensor y = paddle::empty(x.shape(), DataType::FLOAT32, x.place());
+  const float* px = x.data<float>();
+  const float* pb = b.data<float>();
+  float* py = y.data<float>();
+  const auto kernel = CPU_ACT_PICK(BiasGeluRow);
+  ForPieces(x.numel() / cols, 1, [&](int64_t r, int64_t) { kernel(px + r * cols, pb, py + r * cols, cols); });
+  return {y};
+}
+
 std::vector<Tensor> SoftmaxFwd(const Tensor& x_in) {
   const Tensor x = Checked(x_in, "cpu_softmax", "x");
   const int64_t cols = LastDim(x, "cpu_softmax");
@@ -301,6 +321,8 @@ std::vector<Tensor> SoftmaxBwd(const Tensor& y_in, const Tensor& dy_in) {
 
 PD_BUILD_OP(cpu_gelu).Inputs({"X"}).Outputs({"Y"}).SetKernelFn(PD_KERNEL(GeluFwd));
 PD_BUILD_GRAD_OP(cpu_gelu).Inputs({"X", paddle::Grad("Y")}).Outputs({paddle::Grad("X")}).SetKernelFn(PD_KERNEL(GeluBwd));
+
+PD_BUILD_OP(cpu_bias_gelu).Inputs({"X", "Bias"}).Outputs({"Y"}).SetKernelFn(PD_KERNEL(BiasGeluFwd));
 
 PD_BUILD_OP(cpu_softmax).Inputs({"X"}).Outputs({"Y"}).SetKernelFn(PD_KERNEL(SoftmaxFwd));
 PD_BUILD_GRAD_OP(cpu_softmax)

@@ -16,7 +16,8 @@ def test_eager_cpu_float32_takes_the_cpu_implementations():
     assert paddle.in_dynamic_mode() and x.place.is_cpu_place()
     assert dispatch.choose("linear", x) == "addmm"
     assert dispatch.choose("linear", x, params_fp32=False) == "paddle"
-    assert dispatch.choose("attention", x) == "cpu_einsum"
+    assert dispatch.choose("attention", x, grad=True) == "cpu_einsum"
+    assert dispatch.choose("attention", x) == ("paddlemix" if dispatch.status().available else "cpu_einsum")
     assert dispatch.choose("attention", x, fused_attn=False) == "math"
     assert dispatch.choose("patch_embed", x) == "matmul"
     kernels_on = dispatch.status().available
@@ -148,3 +149,49 @@ def test_linear_gelu_with_a_gradient_takes_the_separate_path():
     np.testing.assert_allclose(gx.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="no gradient"):
         dispatch.linear_gelu(x, w, b, impl="paddlemix")
+
+
+def _set_attention(model, impl):
+    for layer in model.sublayers():
+        if isinstance(layer, Attention):
+            layer.attn_impl = impl
+
+
+@pytest.mark.parametrize("name", ["clip", "eva02"])
+def test_split_heads_attention_is_bit_identical_to_the_einsum_one(name):
+    """Inference through the library's cpu_split_heads gives the bits of cpu_einsum: a CLIP model
+    with a causal text mask and a head width whose scale is not a power of two, and an EVA02 model
+    with RoPE (q scaled after its rotation)."""
+    import paddlemix
+    from paddlemix.zoo.registry import get_model_config
+
+    assert dispatch.status().available
+    if name == "clip":
+        cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 48, "layers": 2, "head_width": 12},
+               "text_cfg": {"context_length": 12, "vocab_size": 100, "width": 48, "heads": 4, "layers": 2}}
+    else:
+        cfg = get_model_config("EVA02-CLIP-B-16")
+        cfg["embed_dim"] = 32
+        cfg["vision_cfg"].update(image_size=32, patch_size=8, width=64, layers=2, head_width=16, pt_hw_seq_len=4)
+        cfg["text_cfg"].update(context_length=12, vocab_size=100, width=64, heads=4, layers=2)
+    paddle.seed(0)
+    model = paddlemix.create_model(_write_cfg(cfg))
+    images = paddle.randn([2, 3, 32, 32])
+    texts = paddle.randint(1, 99, [2, 12])
+    with paddle.no_grad():
+        assert dispatch.choose("attention", paddle.randn([2, 3, 8])) == "paddlemix"
+        auto = [model.encode_image(images).numpy(), model.encode_text(texts).numpy()]
+        _set_attention(model, "cpu_einsum")
+        einsum = [model.encode_image(images).numpy(), model.encode_text(texts).numpy()]
+    for a, b in zip(auto, einsum):
+        np.testing.assert_array_equal(a, b)
+
+
+def _write_cfg(cfg):
+    import json
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="pm-dispatch-")) / "model.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)

@@ -15,7 +15,10 @@ The rules, and why:
   that writes and re-reads the output; ``addmm`` hands the bias to the BLAS call, and in dynamic
   mode :class:`_AddmmLinear` gives it a backward of three BLAS calls. Otherwise ``"paddle"``.
 - ``attention``: ``"cpu_einsum"`` for float32 on a CPU (dynamic, or a static graph built on a
-  CPU, where it is also the faster graph for Paddle Inference); ``"sdpa"``
+  CPU, where it is also the faster graph for Paddle Inference), and in dynamic mode without a
+  gradient, when the library is loaded, ``"paddlemix"``: the same math with the head split and
+  q scaling in one pass of the library's ``cpu_split_heads`` instead of Paddle's single-threaded
+  ``einsum`` and ``scale``; ``"sdpa"``
   (``scaled_dot_product_attention``, flash attention on GPUs) elsewhere; ``"math"`` (the plain
   reference) when the layer was built with ``use_fused_attn=False``.
 - ``gelu``, ``softmax``: ``"paddlemix"`` (the library's operators) for float32 CPU tensors in
@@ -55,7 +58,7 @@ __all__ = ["IMPLEMENTATIONS", "addmm_linear", "choose", "gelu", "layer_norm", "l
 
 IMPLEMENTATIONS: Dict[str, Tuple[str, ...]] = {
     "linear": ("addmm", "paddle"),
-    "attention": ("cpu_einsum", "sdpa", "math"),
+    "attention": ("paddlemix", "cpu_einsum", "sdpa", "math"),
     "gelu": ("paddlemix", "paddle"),
     "linear_gelu": ("paddlemix", "separate"),
     "layer_norm": ("paddlemix", "paddle"),
@@ -122,7 +125,9 @@ def choose(
     if op == "attention":
         if not fused_attn:
             return "math"
-        return "cpu_einsum" if x.dtype == paddle.float32 and _on_cpu(x) else "sdpa"
+        if x.dtype == paddle.float32 and _on_cpu(x):
+            return "paddlemix" if not grad and paddle.in_dynamic_mode() and available() else "cpu_einsum"
+        return "sdpa"
     if op == "linear_gelu":
         return "paddlemix" if params_fp32 and not grad and _eager_cpu_fp32(x) and available() else "separate"
     if op == "patch_embed":
@@ -150,6 +155,11 @@ def run_fused_ln(x, residual, weight, bias, epsilon: float, rms_norm: bool, port
 def run_cpu_gelu(x: paddle.Tensor) -> paddle.Tensor:
     """The library's exact-GELU operator (float32 CPU tensors, differentiable)."""
     return _run_custom_op("cpu_gelu", x)[0]
+
+
+def run_cpu_split_heads(qkv: paddle.Tensor, scale: float):
+    """The library's ``qkv`` [B, L, 3, H, D] -> ``(q * scale, k, v)`` [B, H, L, D] operator (float32 CPU; no gradient)."""
+    return tuple(_run_custom_op("cpu_split_heads", qkv, float(scale)))
 
 
 def run_cpu_bias_gelu(x: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:

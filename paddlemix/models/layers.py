@@ -300,7 +300,8 @@ class Attention(nn.Layer):
     ) -> paddle.Tensor:
         B, L, _ = x.shape
         qkv = self._qkv(x).reshape([B, L, 3, self.num_heads, self.head_dim])
-        impl = dispatch.choose("attention", qkv, impl=self.attn_impl, fused_attn=self.use_fused_attn)
+        grad = paddle.is_grad_enabled() and not qkv.stop_gradient
+        impl = dispatch.choose("attention", qkv, impl=self.attn_impl, fused_attn=self.use_fused_attn, grad=grad)
         dropout = self.attn_drop if self.training else 0.0
         x = ATTENTION_FUNCTIONS[impl](
             qkv, attn_mask, rope, rope_index, num_prefix_tokens, self.scale, dropout, self.training
@@ -360,7 +361,30 @@ def cpu_einsum_attention(
         q = rope.rotate(q, rope_index, num_prefix_tokens)
         k = rope.rotate(k, rope_index, num_prefix_tokens)
         q, k, v = (paddle.einsum("blhd->bhld", t) for t in (q, k, v))
-    attn = paddle.matmul(q * scale, k, transpose_y=True)
+    return _attend_heads(q * scale, k, v, attn_mask, dropout)
+
+
+def cpu_split_attention(
+    qkv, attn_mask, rope, rope_index, num_prefix_tokens: int, scale: float, dropout: float, training: bool
+):
+    """:func:`cpu_einsum_attention` with its layout change, head split and q scaling done in one
+    multi-threaded pass by the kernel library's ``cpu_split_heads`` (no gradient: inference).
+
+    The same bits: the operator copies k and v and multiplies q by the same float32 scale. With
+    RoPE, q is scaled after its rotation, as there.
+    """
+    if rope is not None and not (rope_index is None and _rope_fits(rope, qkv.shape[1] - num_prefix_tokens)):
+        return cpu_einsum_attention(qkv, attn_mask, rope, rope_index, num_prefix_tokens, scale, dropout, training)
+    q, k, v = dispatch.run_cpu_split_heads(qkv, 1.0 if rope is not None else scale)
+    if rope is not None:
+        q, k = _rotate_all_tokens(rope, q, k, num_prefix_tokens)
+        q = q * scale
+    return _attend_heads(q, k, v, attn_mask, dropout)
+
+
+def _attend_heads(q, k, v, attn_mask, dropout: float) -> paddle.Tensor:
+    """Scaled q, k, v [B, H, L, D] -> softmax(q k^T + mask) v as [B, L, H, D]."""
+    attn = paddle.matmul(q, k, transpose_y=True)
     if attn_mask is not None:
         attn = attn + attn_mask.astype(attn.dtype)
     attn = softmax_last_axis(attn)
@@ -371,6 +395,7 @@ def cpu_einsum_attention(
 
 # The attention implementations by the names :func:`paddlemix.kernels.dispatch.choose` returns.
 ATTENTION_FUNCTIONS: Dict[str, Callable[..., paddle.Tensor]] = {
+    "paddlemix": cpu_split_attention,
     "cpu_einsum": cpu_einsum_attention,
     "sdpa": sdpa_attention,
     "math": math_attention,

@@ -4,6 +4,7 @@
 //
 //   cpu_gelu(x)     exact (erf) GELU, x * Phi(x)
 //   cpu_bias_gelu(x, b)  GELU(x + b), b along the last axis (no gradient: inference)
+//   cpu_split_heads(qkv, scale)  [B, L, 3, H, D] -> q * scale, k, v as [B, H, L, D] (inference)
 //   cpu_softmax(x)  softmax over the last axis
 //
 // with their gradient operators. Both are float32 on CPU only: the kernel
@@ -277,6 +278,35 @@ int64_t LastDim(const Tensor& t, const char* op) {
   return t.shape().back();
 }
 
+// qkv [B, L, 3, H, D] -> q * scale, k, v, each [B, H, L, D] (contiguous), in one multi-threaded
+// pass: the layout change attention needs before its two batched GEMMs. Inference only.
+std::vector<Tensor> SplitHeadsFwd(const Tensor& qkv_in, float scale) {
+  const Tensor qkv = Checked(qkv_in, "cpu_split_heads", "qkv");
+  const auto& s = qkv.shape();
+  PD_CHECK(s.size() == 5 && s[2] == 3, "cpu_split_heads: qkv must be [B, L, 3, H, D].");
+  const int64_t B = s[0], L = s[1], H = s[3], D = s[4];
+  std::vector<Tensor> out;
+  for (int i = 0; i < 3; ++i) out.push_back(paddle::empty({B, H, L, D}, DataType::FLOAT32, qkv.place()));
+  const float* src = qkv.data<float>();
+  float* dst[3] = {out[0].data<float>(), out[1].data<float>(), out[2].data<float>()};
+  ForPieces(B * L, 1, [&](int64_t row, int64_t) {
+    const int64_t b = row / L, l = row % L;
+    const float* in = src + row * 3 * H * D;
+    for (int t = 0; t < 3; ++t) {
+      for (int64_t h = 0; h < H; ++h) {
+        const float* from = in + (t * H + h) * D;
+        float* to = dst[t] + ((b * H + h) * L + l) * D;
+        if (t == 0) {
+          for (int64_t d = 0; d < D; ++d) to[d] = from[d] * scale;
+        } else {
+          std::copy(from, from + D, to);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // Inference only (no gradient operator): the kernel dispatch calls it when no gradient is needed.
 std::vector<Tensor> BiasGeluFwd(const Tensor& x_in, const Tensor& b_in) {
   const Tensor x = Checked(x_in, "cpu_bias_gelu", "x");
@@ -321,6 +351,12 @@ std::vector<Tensor> SoftmaxBwd(const Tensor& y_in, const Tensor& dy_in) {
 
 PD_BUILD_OP(cpu_gelu).Inputs({"X"}).Outputs({"Y"}).SetKernelFn(PD_KERNEL(GeluFwd));
 PD_BUILD_GRAD_OP(cpu_gelu).Inputs({"X", paddle::Grad("Y")}).Outputs({paddle::Grad("X")}).SetKernelFn(PD_KERNEL(GeluBwd));
+
+PD_BUILD_OP(cpu_split_heads)
+    .Inputs({"QKV"})
+    .Outputs({"Q", "K", "V"})
+    .Attrs({"scale: float"})
+    .SetKernelFn(PD_KERNEL(SplitHeadsFwd));
 
 PD_BUILD_OP(cpu_bias_gelu).Inputs({"X", "Bias"}).Outputs({"Y"}).SetKernelFn(PD_KERNEL(BiasGeluFwd));
 

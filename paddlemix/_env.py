@@ -17,12 +17,12 @@ libraries read them from the environment once. When each is read decides when it
   read it at the first computation too, so paddlemix sets it *after* Paddle has loaded (and
   calls Paddle's ``set_num_threads``): the CPUs this process may use, divided among the
   processes a ``paddle.distributed.launch`` job starts on this node.
-* ``GOMP_SPINCOUNT=0``. Paddle's math runs on Intel's OpenMP (libiomp5), while the custom
-  operators of paddlemix.kernels run on GNU's libgomp, so a process holds two thread pools
-  for the same cores. libgomp's threads spin after each parallel region, taking the cores
-  from the next MKL call, which made towers using the fused op slower than without it until
-  libgomp's threads were told to sleep when idle. libgomp reads it
-  when Paddle loads, so only ``import paddlemix`` *before* ``import paddle`` sets it.
+* ``GOMP_SPINCOUNT=0``. Paddle's math runs on Intel's OpenMP (libiomp5). Where Paddle bundles
+  that runtime (its x86 wheels), paddlemix.kernels are linked to it too, so the process has one
+  thread pool (``kernels/build_config.link_flags``). Elsewhere they run on GNU's libgomp: two
+  pools for the same cores, and libgomp's threads spin after each parallel region, taking the
+  cores from the next MKL call, unless told to sleep when idle. libgomp reads it when Paddle
+  loads, so only ``import paddlemix`` *before* ``import paddle`` sets it.
 * Freed-memory reuse (a call, not a variable; any time): glibc returns every freed block
   above 128 KiB to the kernel, and Paddle's CPU allocator frees each activation after use, so
   every new activation page-faults on first write, and a forward pass spends a large share of

@@ -124,7 +124,7 @@ void cpu_forward(const CpuForwardArgs& a) {
   const bool avx2_path = use_avx2(a.portable);
   const int64_t rows = a.rows, cols = a.cols;
   const bool parallel = rows > 1 && rows * cols >= kParallelMinElems;
-#pragma omp parallel for schedule(dynamic, kForwardRowsPerPiece) if (parallel)
+#pragma omp parallel for schedule(monotonic: dynamic, kForwardRowsPerPiece) if (parallel)
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t off = i * cols;
     const float* r = a.residual != nullptr ? a.residual + off : nullptr;
@@ -164,7 +164,7 @@ void cpu_backward(const CpuBackwardArgs& a) {
 
 #pragma omp parallel if (parallel)
   {
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(monotonic: dynamic, 1)
     for (int64_t c = 0; c < chunks; ++c) {
       float* dwp = partials.get() + c * cols;
       float* dbp = partials.get() + (chunks + c) * cols;

@@ -157,9 +157,13 @@ def run_cpu_gelu(x: paddle.Tensor) -> paddle.Tensor:
     return _run_custom_op("cpu_gelu", x)[0]
 
 
-def run_cpu_split_heads(qkv: paddle.Tensor, scale: float):
-    """The library's ``qkv`` [B, L, 3, H, D] -> ``(q * scale, k, v)`` [B, H, L, D] operator (float32 CPU; no gradient)."""
-    return tuple(_run_custom_op("cpu_split_heads", qkv, float(scale)))
+def run_cpu_split_heads(qkv: paddle.Tensor, scale: float, bias: Optional[paddle.Tensor] = None):
+    """The library's ``qkv`` [B, L, 3, H, D] (+ ``bias`` [3 H D]) -> ``(q * scale, k, v)`` [B, H, L, D]
+    operator (float32 CPU; no gradient)."""
+    with_bias = bias is not None
+    if not with_bias:
+        bias = paddle.empty([0], dtype=qkv.dtype)
+    return tuple(_run_custom_op("cpu_split_heads", qkv, bias, float(scale), with_bias))
 
 
 def run_cpu_bias_gelu(x: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:

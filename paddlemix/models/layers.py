@@ -299,13 +299,21 @@ class Attention(nn.Layer):
         num_prefix_tokens: int = 1,
     ) -> paddle.Tensor:
         B, L, _ = x.shape
-        qkv = self._qkv(x).reshape([B, L, 3, self.num_heads, self.head_dim])
-        grad = paddle.is_grad_enabled() and not qkv.stop_gradient
-        impl = dispatch.choose("attention", qkv, impl=self.attn_impl, fused_attn=self.use_fused_attn, grad=grad)
+        shape = [B, L, 3, self.num_heads, self.head_dim]
+        grad = paddle.is_grad_enabled() and not (x.stop_gradient and all(p.stop_gradient for p in self.parameters()))
+        impl = dispatch.choose("attention", x, impl=self.attn_impl, fused_attn=self.use_fused_attn, grad=grad)
         dropout = self.attn_drop if self.training else 0.0
-        x = ATTENTION_FUNCTIONS[impl](
-            qkv, attn_mask, rope, rope_index, num_prefix_tokens, self.scale, dropout, self.training
-        )
+        if impl == "paddlemix" and type(self.qkv) is Linear and self.qkv_bias_mode == "qkv":
+            # The head split adds the projection's bias in its pass (not a tensor-parallel qkv layer).
+            qkv = dispatch.linear(x, self.qkv.weight, None).reshape(shape)
+            x = cpu_split_attention(
+                qkv, attn_mask, rope, rope_index, num_prefix_tokens, self.scale, dropout, self.training, self.qkv.bias
+            )
+        else:
+            x = ATTENTION_FUNCTIONS[impl](
+                self._qkv(x).reshape(shape), attn_mask, rope, rope_index, num_prefix_tokens, self.scale, dropout,
+                self.training,
+            )
         # Heads x head width, not C: under tensor parallelism this rank holds only some heads.
         x = self.norm(x.reshape([B, L, self.num_heads * self.head_dim]))
         return self.proj_drop(self.proj(x))
@@ -365,17 +373,28 @@ def cpu_einsum_attention(
 
 
 def cpu_split_attention(
-    qkv, attn_mask, rope, rope_index, num_prefix_tokens: int, scale: float, dropout: float, training: bool
+    qkv,
+    attn_mask,
+    rope,
+    rope_index,
+    num_prefix_tokens: int,
+    scale: float,
+    dropout: float,
+    training: bool,
+    qkv_bias: Optional[paddle.Tensor] = None,
 ):
     """:func:`cpu_einsum_attention` with its layout change, head split and q scaling done in one
     multi-threaded pass by the kernel library's ``cpu_split_heads`` (no gradient: inference).
 
-    The same bits: the operator copies k and v and multiplies q by the same float32 scale. With
-    RoPE, q is scaled after its rotation, as there.
+    ``qkv_bias``: the qkv projection's bias, not yet added to ``qkv``; the operator adds it in the
+    same pass. The same bits: a GEMM's output plus the bias rounds as ``addmm`` does, k and v are
+    copied, and q is multiplied by the same float32 scale (with RoPE, after its rotation, as there).
     """
     if rope is not None and not (rope_index is None and _rope_fits(rope, qkv.shape[1] - num_prefix_tokens)):
+        if qkv_bias is not None:
+            qkv = qkv + qkv_bias.reshape(qkv.shape[2:])
         return cpu_einsum_attention(qkv, attn_mask, rope, rope_index, num_prefix_tokens, scale, dropout, training)
-    q, k, v = dispatch.run_cpu_split_heads(qkv, 1.0 if rope is not None else scale)
+    q, k, v = dispatch.run_cpu_split_heads(qkv, 1.0 if rope is not None else scale, qkv_bias)
     if rope is not None:
         q, k = _rotate_all_tokens(rope, q, k, num_prefix_tokens)
         q = q * scale

@@ -4,7 +4,7 @@
 //
 //   cpu_gelu(x)     exact (erf) GELU, x * Phi(x)
 //   cpu_bias_gelu(x, b)  GELU(x + b), b along the last axis (no gradient: inference)
-//   cpu_split_heads(qkv, scale)  [B, L, 3, H, D] -> q * scale, k, v as [B, H, L, D] (inference)
+//   cpu_split_heads(qkv, bias, scale)  [B, L, 3, H, D] (+ bias) -> q * scale, k, v as [B, H, L, D] (inference)
 //   cpu_softmax(x)  softmax over the last axis
 //
 // with their gradient operators. Both are float32 on CPU only: the kernel
@@ -278,28 +278,32 @@ int64_t LastDim(const Tensor& t, const char* op) {
   return t.shape().back();
 }
 
-// qkv [B, L, 3, H, D] -> q * scale, k, v, each [B, H, L, D] (contiguous), in one multi-threaded
-// pass: the layout change attention needs before its two batched GEMMs. Inference only.
-std::vector<Tensor> SplitHeadsFwd(const Tensor& qkv_in, float scale) {
+// qkv [B, L, 3, H, D] (+ bias [3 H D] when with_bias) -> q * scale, k, v, each [B, H, L, D]
+// (contiguous), in one multi-threaded pass: the layout change attention needs before its two
+// batched GEMMs, with the qkv projection's bias added on the way. Inference only.
+std::vector<Tensor> SplitHeadsFwd(const Tensor& qkv_in, const Tensor& bias_in, float scale, bool with_bias) {
   const Tensor qkv = Checked(qkv_in, "cpu_split_heads", "qkv");
   const auto& s = qkv.shape();
   PD_CHECK(s.size() == 5 && s[2] == 3, "cpu_split_heads: qkv must be [B, L, 3, H, D].");
   const int64_t B = s[0], L = s[1], H = s[3], D = s[4];
+  const Tensor bias = with_bias ? Checked(bias_in, "cpu_split_heads", "bias") : bias_in;
+  PD_CHECK(!with_bias || bias.numel() == 3 * H * D, "cpu_split_heads: bias must have 3 * H * D values.");
   std::vector<Tensor> out;
   for (int i = 0; i < 3; ++i) out.push_back(paddle::empty({B, H, L, D}, DataType::FLOAT32, qkv.place()));
   const float* src = qkv.data<float>();
+  const float* pb = with_bias ? bias.data<float>() : nullptr;
   float* dst[3] = {out[0].data<float>(), out[1].data<float>(), out[2].data<float>()};
   ForPieces(B * L, 1, [&](int64_t row, int64_t) {
     const int64_t b = row / L, l = row % L;
     const float* in = src + row * 3 * H * D;
-    for (int t = 0; t < 3; ++t) {
+    for (int64_t t = 0; t < 3; ++t) {
       for (int64_t h = 0; h < H; ++h) {
         const float* from = in + (t * H + h) * D;
+        const float* add = pb == nullptr ? nullptr : pb + (t * H + h) * D;
         float* to = dst[t] + ((b * H + h) * L + l) * D;
-        if (t == 0) {
-          for (int64_t d = 0; d < D; ++d) to[d] = from[d] * scale;
-        } else {
-          std::copy(from, from + D, to);
+        for (int64_t d = 0; d < D; ++d) {
+          const float v = add == nullptr ? from[d] : from[d] + add[d];
+          to[d] = t == 0 ? v * scale : v;
         }
       }
     }
@@ -353,9 +357,9 @@ PD_BUILD_OP(cpu_gelu).Inputs({"X"}).Outputs({"Y"}).SetKernelFn(PD_KERNEL(GeluFwd
 PD_BUILD_GRAD_OP(cpu_gelu).Inputs({"X", paddle::Grad("Y")}).Outputs({paddle::Grad("X")}).SetKernelFn(PD_KERNEL(GeluBwd));
 
 PD_BUILD_OP(cpu_split_heads)
-    .Inputs({"QKV"})
+    .Inputs({"QKV", "Bias"})
     .Outputs({"Q", "K", "V"})
-    .Attrs({"scale: float"})
+    .Attrs({"scale: float", "with_bias: bool"})
     .SetKernelFn(PD_KERNEL(SplitHeadsFwd));
 
 PD_BUILD_OP(cpu_bias_gelu).Inputs({"X", "Bias"}).Outputs({"Y"}).SetKernelFn(PD_KERNEL(BiasGeluFwd));

@@ -3,9 +3,10 @@
 Layers in :mod:`paddlemix.models` say *what* they compute (a linear map, attention, GELU, a
 LayerNorm, a softmax, the patch embedding) and call :func:`choose` for the implementation, the
 way HF's CLIP picks an attention function from a registry and timm asks ``use_fused_attn()``.
-:func:`choose` names one of :data:`IMPLEMENTATIONS` from four facts only: the tensor's place,
-its dtype, whether a dynamic or a static graph is running, and whether paddlemix's kernel
-library is loaded (:func:`paddlemix.kernels.available`). A caller may name an implementation
+:func:`choose` names one of :data:`IMPLEMENTATIONS` from a few facts only: the tensor's place,
+its dtype, whether a dynamic or a static graph is running, whether the caller will take a
+gradient through the call (the inference-only operators have no backward), and whether
+paddlemix's kernel library is loaded (:func:`paddlemix.kernels.available`). A caller may name an implementation
 explicitly (``impl=``); nothing is read from the environment.
 
 The rules, and why:

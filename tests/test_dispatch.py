@@ -1,4 +1,6 @@
 """paddlemix.kernels.dispatch: the one place that picks each layer's implementation."""
+import json
+
 import numpy as np
 import paddle
 import pytest
@@ -158,7 +160,7 @@ def _set_attention(model, impl):
 
 
 @pytest.mark.parametrize("name", ["clip", "eva02"])
-def test_split_heads_attention_is_bit_identical_to_the_einsum_one(name):
+def test_split_heads_attention_is_bit_identical_to_the_einsum_one(name, tmp_path):
     """Inference through the library's cpu_split_heads gives the bits of cpu_einsum: a CLIP model
     with a causal text mask and a head width whose scale is not a power of two, and an EVA02 model
     with RoPE (q scaled after its rotation)."""
@@ -175,7 +177,9 @@ def test_split_heads_attention_is_bit_identical_to_the_einsum_one(name):
         cfg["vision_cfg"].update(image_size=32, patch_size=8, width=64, layers=2, head_width=16, pt_hw_seq_len=4)
         cfg["text_cfg"].update(context_length=12, vocab_size=100, width=64, heads=4, layers=2)
     paddle.seed(0)
-    model = paddlemix.create_model(_write_cfg(cfg))
+    cfg_file = tmp_path / "model.json"
+    cfg_file.write_text(json.dumps(cfg))
+    model = paddlemix.create_model(str(cfg_file))
     images = paddle.randn([2, 3, 32, 32])
     texts = paddle.randint(1, 99, [2, 12])
     with paddle.no_grad():
@@ -186,12 +190,3 @@ def test_split_heads_attention_is_bit_identical_to_the_einsum_one(name):
     for a, b in zip(auto, einsum):
         np.testing.assert_array_equal(a, b)
 
-
-def _write_cfg(cfg):
-    import json
-    import tempfile
-    from pathlib import Path
-
-    path = Path(tempfile.mkdtemp(prefix="pm-dispatch-")) / "model.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)

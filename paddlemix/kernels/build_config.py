@@ -24,7 +24,7 @@ KERNEL_DIR = Path(__file__).resolve().parent / "csrc"
 
 CPU_SOURCES = ("fused_ln_op.cc", "fused_ln_cpu.cc", "cpu_act_op.cc")
 CUDA_SOURCES = ("fused_ln_op.cu",)
-HEADERS = ("fused_ln_cpu.h", "fused_ln_cpu_rows.inc", "fused_ln_cuda.cuh", "cpu_act_rows.inc")
+HEADERS = ("fused_ln_cpu.h", "fused_ln_cpu_rows.inc", "fused_ln_cuda.cuh", "cpu_act_rows.inc", "simd_vec.h")
 
 # GPU architectures are named explicitly so no GPU is needed at build time:
 # sm_80 (A100 / A800 / RTX 30xx class) and sm_90 (H100 / H200), plus PTX for

@@ -11,6 +11,7 @@
 // oversubscribed machine a descheduled thread then delays only its current
 // piece, instead of half of the work behind a static split.
 #include "fused_ln_cpu.h"
+#include "simd_vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -64,25 +65,7 @@ struct Vec {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-struct Vec {
-  using T = __m256;
-  static constexpr int W = 8;
-  static T zero() { return _mm256_setzero_ps(); }
-  static T set1(float a) { return _mm256_set1_ps(a); }
-  static T load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
-  static T add(T a, T b) { return _mm256_add_ps(a, b); }
-  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
-  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
-  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static T fnmadd(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }
-  static float hsum(T a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-};
+using Vec = paddlemix_simd::Avx2;
 #include "fused_ln_cpu_rows.inc"
 }  // namespace avx2
 #pragma GCC pop_options

@@ -1,14 +1,12 @@
 """CLIP and SigLIP losses: values against numpy, and 2-process gradients against 1 process."""
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import paddle
 import pytest
 
+from launch_helper import launch_workers
 from paddlemix.train.loss import ClipLoss, SigLipLoss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,15 +118,7 @@ def _load_worker():
 def two_rank_results(tmp_path_factory):
     """Run every case of the worker once on 2 CPU processes (gloo); return its files' folder."""
     out = tmp_path_factory.mktemp("loss_grads")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MKL_DEBUG_CPU_TYPE="5")
-    cmd = [
-        sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(out / "log"),
-        "--nproc_per_node", str(WORLD), str(WORKER), "--out", str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0:
-        logs = "\n".join(p.read_text()[-3000:] for p in sorted((out / "log").glob("workerlog.*")))
-        pytest.fail(f"launch exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}\n{logs}")
+    launch_workers(WORKER, out, nproc=WORLD)
     return out
 
 

@@ -2,16 +2,14 @@
 import importlib.util
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import paddle
 import pytest
 
+from launch_helper import launch_workers
 from paddlemix.models import CLIP, CLIPConfig
 from paddlemix.train.loss import ClipLoss
 from paddlemix.train.optim import (
@@ -350,14 +348,7 @@ SHARD_WORKER = Path(__file__).parent / "dist_scripts" / "check_sharded_optimizer
 def sharded_results(tmp_path_factory):
     """Both optimizers trained 3 steps under ``sharding_degree=2`` on 2 CPU processes (gloo)."""
     out = tmp_path_factory.mktemp("sharded_opt")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root), MKL_DEBUG_CPU_TYPE="5")
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(out / "log"),
-           "--nproc_per_node", "2", str(SHARD_WORKER), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0:
-        logs = "\n".join(p.read_text()[-3000:] for p in sorted((out / "log").glob("workerlog.*")))
-        pytest.fail(f"launch exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}\n{logs}")
+    launch_workers(SHARD_WORKER, out)
     return out
 
 

@@ -1,8 +1,5 @@
 """Tensor parallelism: split/merge rules in one process, and a degree-2 model on 2 CPU
 processes (gloo) against degree 1, for the tiny CLIP and EVA02 parity models."""
-import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -11,6 +8,7 @@ import paddle.nn as nn
 import pytest
 
 import paddlemix
+from launch_helper import launch_workers
 from paddlemix.models.clip_model import CLIP
 from paddlemix.models.config import CLIPConfig
 from paddlemix.train.tensor_parallel import (
@@ -153,15 +151,7 @@ def test_tensor_parallelize_needs_the_group_and_leaves_a_refused_model_intact():
 def two_ranks(tmp_path_factory):
     """Run the worker once on 2 CPU processes; return each case's per-rank results."""
     out = tmp_path_factory.mktemp("tensor_parallel")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MKL_DEBUG_CPU_TYPE="5")
-    cmd = [
-        sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(out / "log"),
-        "--nproc_per_node", "2", str(WORKER), "--out", str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0:
-        logs = "\n".join(p.read_text()[-3000:] for p in sorted((out / "log").glob("workerlog.*")))
-        pytest.fail(f"launch exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}\n{logs}")
+    launch_workers(WORKER, out)
     return {case: [dict(np.load(out / f"{case}.rank{r}.npz")) for r in range(2)] for case in CASES}
 
 

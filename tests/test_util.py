@@ -76,3 +76,41 @@ def test_fsync_dir_tolerates_a_missing_directory(tmp_path):
     fsync_dir(tmp_path)
     fsync_dir(tmp_path / "missing")
     assert os.path.isdir(tmp_path)
+
+
+END_JOB_SCRIPT = """
+import logging, multiprocessing, sys, time
+from paddlemix._util import end_job_process
+
+def sleep_forever():
+    time.sleep(600)
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    child = multiprocessing.Process(target=sleep_forever)
+    child.start()
+    print(child.pid, flush=True)
+    logging.info("logged before the end")
+    sys.stderr.write("unflushed stderr")
+    end_job_process(3, barrier=False)
+    print("not reached")
+"""
+
+
+def test_end_job_process_flushes_ends_loader_children_and_keeps_the_code(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "end_job.py"
+    script.write_text(END_JOB_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "logged before the end" in proc.stdout + proc.stderr and "not reached" not in proc.stdout
+    assert proc.stderr.endswith("unflushed stderr")
+    child_pid = int(lines[0])
+    with pytest.raises(ProcessLookupError):  # terminated and reaped, not left running
+        os.kill(child_pid, 0)

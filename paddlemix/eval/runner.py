@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import paddle
 
+from .._util import run_job_rank
 from ..factory import create_model_and_transforms, get_tokenizer
 from .datasets import RetrievalDataset, load_classification_eval
 from .pages import render_reports, save_classification, save_retrieval
@@ -155,11 +156,15 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; in a multi-process job this does not return (see :func:`paddlemix._util.run_job_rank`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = int(os.environ.get("PADDLE_TRAINER_ID", "0")) > 0  # only rank 0 reports progress
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not (args.classification_eval or args.retrieval_eval or args.sts_eval):
         parser.error("nothing to evaluate: pass --classification_eval, --retrieval_eval and/or --sts_eval")
-    run(args)
-    return 0
+    def work() -> int:
+        run(args)
+        return 0
+
+    return run_job_rank(work, "evaluation")

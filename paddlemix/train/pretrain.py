@@ -5,15 +5,14 @@ import dataclasses
 import difflib
 import json
 import logging
-import multiprocessing
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from paddlenlp.trainer import PdArgumentParser, set_seed
 
+from .._util import run_job_rank
 from ..data.sources import build_train_dataset
 from ..data.transforms import image_transform
 from ..factory import create_model, get_model_preprocess_cfg, get_tokenizer
@@ -67,65 +66,26 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def _in_multiprocess_job() -> bool:
-    import paddle.distributed as dist
-
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _end_process(code: int, barrier: bool) -> None:
-    """Leave a multi-process job without the interpreter's teardown.
-
-    Paddle's C++ teardown at exit is not safe against the other ranks: the TCP store that
-    rank 0 hosts aborts (SIGABRT) when a rank disconnects while rank 0 is destroying its
-    globals, so about one finished run in ten ended with ``Exit code -6``. After a final
-    barrier every rank has finished its work; the logs are flushed and the process ends
-    with ``os._exit``. A failed rank ends the same way at once (no barrier: the others may
-    wait in a collective), and the launcher stops the rest.
-    """
-    import paddle.distributed as dist
-
-    if barrier:
-        dist.barrier()
-    # What the skipped teardown would have done for loader workers still alive (an iterator
-    # the Trainer left unfinished): without it they outlive the job, each holding its memory.
-    # Their end is expected, so Paddle's check for loader workers killed by a signal is off.
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    children = multiprocessing.active_children()
-    for child in children:
-        child.terminate()
-    for child in children:
-        child.join(timeout=10)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line: a bad setting is one line naming the flag (exit status 2), not a traceback.
 
-    In a multi-process job this does not return (see ``_end_process``).
+    In a multi-process job this does not return (see :func:`paddlemix._util.run_job_rank`).
     """
     try:
         args = parse_args(argv)
     except TrainingSettingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    code = 0
-    try:
-        run(*args)
-    except TrainingSettingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except Exception:  # noqa: BLE001 - re-raised in one process; reported, then the process ends, in a job
-        if not _in_multiprocess_job():
-            raise
-        logger.exception("training failed; ending this rank so that the launcher stops the others")
-        code = 1
-    if _in_multiprocess_job():
-        _end_process(code, barrier=code == 0)
-    return code
+
+    def work() -> int:
+        try:
+            run(*args)
+        except TrainingSettingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+
+    return run_job_rank(work, "training")
 
 
 class _ReducingTokenizer:

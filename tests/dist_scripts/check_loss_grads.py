@@ -19,6 +19,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from paddlemix._util import end_job_process
 from paddlemix.train.loss import ClipLoss, SigLipLoss
 
 GLOBAL_BATCH = 8
@@ -100,6 +101,7 @@ def main() -> None:
         result = run_case(case, args.seed, rank, world_size, group, data_parallel=True)
         np.savez(Path(args.out) / f"{case}.rank{rank}.npz", **result)
         logging.info("rank %d finished %s", rank, case)
+    end_job_process(0, barrier=True)  # Paddle's exit teardown can abort a finished rank
 
 
 if __name__ == "__main__":

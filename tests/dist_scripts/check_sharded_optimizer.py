@@ -19,6 +19,7 @@ from typing import Dict
 import numpy as np
 import paddle
 
+from paddlemix._util import end_job_process
 from paddlemix.models import CLIP, CLIPConfig
 from paddlemix.train.loss import ClipLoss
 from paddlemix.train.optim import build_optimizer, cosine_with_warmup
@@ -71,6 +72,7 @@ def main() -> None:
     for name in OPTIMIZERS:
         np.savez(Path(args.out) / f"{name}.rank{dist.get_rank()}.npz", **train_steps(name, sharded=True))
         logging.info("rank %d finished %s", dist.get_rank(), name)
+    end_job_process(0, barrier=True)  # Paddle's exit teardown can abort a finished rank
 
 
 if __name__ == "__main__":

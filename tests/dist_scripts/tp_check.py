@@ -29,6 +29,7 @@ import paddle
 import paddle.distributed as dist
 
 import paddlemix
+from paddlemix._util import end_job_process
 from paddlemix.models.clip_model import CLIP
 from paddlemix.train.loss import ClipLoss
 from paddlemix.train.tensor_parallel import gather_full_state_dict, tensor_parallelize
@@ -153,6 +154,7 @@ def main() -> None:
     for case in CASES:
         np.savez(out / f"{case}.rank{rank}.npz", **run_case(case, out, group, rank, world_size))
         logging.info("rank %d finished %s", rank, case)
+    end_job_process(0, barrier=True)  # Paddle's exit teardown can abort a finished rank
 
 
 if __name__ == "__main__":

@@ -153,6 +153,39 @@ def test_linear_gelu_with_a_gradient_takes_the_separate_path():
         dispatch.linear_gelu(x, w, b, impl="paddlemix")
 
 
+def test_linear_residual_adds_bias_and_residual_in_one_pass_with_the_same_bits():
+    assert dispatch.status().available
+    x = _x()
+    assert dispatch.choose("linear_residual", x) == "paddlemix"
+    assert dispatch.choose("linear_residual", x, grad=True) == "separate"
+    assert dispatch.choose("linear_residual", _x("float16")) == "separate"
+    rng = np.random.default_rng(9)
+    x = paddle.to_tensor(rng.standard_normal([3, 5, 24]).astype("float32"))
+    w = paddle.to_tensor(rng.standard_normal([24, 37]).astype("float32"))
+    b = paddle.to_tensor(rng.standard_normal([37]).astype("float32"))
+    r = paddle.to_tensor(rng.standard_normal([3, 5, 37]).astype("float32"))
+    with paddle.no_grad():
+        fused = dispatch.linear_residual(x, w, b, r)
+        separate = dispatch.linear_residual(x, w, b, r, impl="separate")
+        reference = r + paddle.nn.functional.linear(x, w, b)
+    assert fused.shape == [3, 5, 37]
+    np.testing.assert_array_equal(fused.numpy(), separate.numpy())
+    np.testing.assert_array_equal(fused.numpy(), reference.numpy())
+
+
+def test_linear_residual_with_a_gradient_takes_the_separate_path():
+    rng = np.random.default_rng(10)
+    x = paddle.to_tensor(rng.standard_normal([4, 16]).astype("float32"))
+    w = paddle.to_tensor(rng.standard_normal([16, 8]).astype("float32"))
+    b = paddle.to_tensor(rng.standard_normal([8]).astype("float32"))
+    r = paddle.to_tensor(rng.standard_normal([4, 8]).astype("float32"), stop_gradient=False)
+    y = dispatch.linear_residual(x, w, b, r)  # only the residual needs a gradient: still no fused operator
+    (gr,) = paddle.grad([(y * y).sum()], [r])
+    np.testing.assert_allclose(gr.numpy(), 2 * y.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="no gradient"):
+        dispatch.linear_residual(x, w, b, r, impl="paddlemix")
+
+
 def _set_attention(model, impl):
     for layer in model.sublayers():
         if isinstance(layer, Attention):
@@ -188,5 +221,42 @@ def test_split_heads_attention_is_bit_identical_to_the_einsum_one(name, tmp_path
         _set_attention(model, "cpu_einsum")
         einsum = [model.encode_image(images).numpy(), model.encode_text(texts).numpy()]
     for a, b in zip(auto, einsum):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["clip", "eva02"])
+def test_blocks_handing_the_skip_add_to_the_last_linear_give_the_same_bits(name, tmp_path, monkeypatch):
+    """A pre-norm block without layer scale adds its skip connection in the branch's last linear
+    layer (linear_residual); the model's outputs are those of ``x + branch(x)``, bit for bit."""
+    import paddlemix
+    from paddlemix.models.transformer import Block
+    from paddlemix.zoo.registry import get_model_config
+
+    if name == "clip":
+        cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16},
+               "text_cfg": {"context_length": 12, "vocab_size": 100, "width": 64, "heads": 4, "layers": 2}}
+    else:  # SwiGLU MLP with a sub-LN, q/v biases, RoPE
+        cfg = get_model_config("EVA02-CLIP-B-16")
+        cfg["embed_dim"] = 32
+        cfg["vision_cfg"].update(image_size=32, patch_size=8, width=64, layers=2, head_width=16, pt_hw_seq_len=4)
+        cfg["text_cfg"].update(context_length=12, vocab_size=100, width=64, heads=4, layers=2)
+    paddle.seed(1)
+    cfg_file = tmp_path / "model.json"
+    cfg_file.write_text(json.dumps(cfg))
+    model = paddlemix.create_model(str(cfg_file))
+    blocks = [layer for layer in model.sublayers() if isinstance(layer, Block)]
+    assert blocks and all(block.plain_residual for block in blocks)
+    images = paddle.randn([2, 3, 32, 32])
+    texts = paddle.randint(1, 99, [2, 12])
+    calls = []
+    fused_op = dispatch.run_cpu_bias_residual
+    monkeypatch.setattr(dispatch, "run_cpu_bias_residual", lambda *a: calls.append(1) or fused_op(*a))
+    with paddle.no_grad():
+        handed = [model.encode_image(images).numpy(), model.encode_text(texts).numpy()]
+        assert len(calls) == 2 * len(blocks)  # the attention and the MLP branch of every block of both towers
+        for block in blocks:
+            block.plain_residual = False
+        added = [model.encode_image(images).numpy(), model.encode_text(texts).numpy()]
+    for a, b in zip(handed, added):
         np.testing.assert_array_equal(a, b)
 

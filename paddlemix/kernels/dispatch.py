@@ -34,6 +34,11 @@ The rules, and why:
   output costs a pass over the widest activation of the block; the GELU reads it anyway. The
   numbers are the same: MKL adds the output it is given after the product, so ``addmm`` and the
   GEMM followed by the bias add round identically (tested bit for bit).
+- ``linear_residual`` (a block's last linear layer and the residual add after it, ``r + (x @ w + b)``):
+  ``"paddlemix"`` (the GEMM without its bias, then the library's ``cpu_bias_residual`` adds the
+  bias and the residual in one multi-threaded pass) under the same conditions as
+  ``linear_gelu``; ``"separate"`` (``linear``, then Paddle's add) otherwise. The same two float32
+  additions in the same order, so the same bits (tested).
 - ``patch_embed``: ``"matmul"`` (the stride-equals-kernel convolution as one GEMM over patches)
   for float32 input and weight on a CPU in dynamic mode, ``"conv"`` otherwise.
 - ``fused_norm`` (the ``fusedLN`` layers of :mod:`paddlemix.models.fused_norm`, which decide at
@@ -55,13 +60,17 @@ from paddle.autograd import PyLayer
 
 from . import available, status
 
-__all__ = ["IMPLEMENTATIONS", "addmm_linear", "choose", "gelu", "layer_norm", "linear", "linear_gelu", "softmax"]
+__all__ = [
+    "IMPLEMENTATIONS", "addmm_linear", "choose", "gelu", "layer_norm", "linear", "linear_gelu", "linear_residual",
+    "softmax",
+]
 
 IMPLEMENTATIONS: Dict[str, Tuple[str, ...]] = {
     "linear": ("addmm", "paddle"),
     "attention": ("paddlemix", "cpu_einsum", "sdpa", "math"),
     "gelu": ("paddlemix", "paddle"),
     "linear_gelu": ("paddlemix", "separate"),
+    "linear_residual": ("paddlemix", "separate"),
     "layer_norm": ("paddlemix", "paddle"),
     "softmax": ("paddlemix", "paddle"),
     "patch_embed": ("matmul", "conv"),
@@ -129,7 +138,7 @@ def choose(
         if x.dtype == paddle.float32 and _on_cpu(x):
             return "paddlemix" if not grad and paddle.in_dynamic_mode() and available() else "cpu_einsum"
         return "sdpa"
-    if op == "linear_gelu":
+    if op in ("linear_gelu", "linear_residual"):
         return "paddlemix" if params_fp32 and not grad and _eager_cpu_fp32(x) and available() else "separate"
     if op == "patch_embed":
         return "matmul" if params_fp32 and _eager_cpu_fp32(x) else "conv"
@@ -170,6 +179,11 @@ def run_cpu_split_heads(qkv: paddle.Tensor, scale: float, bias: Optional[paddle.
 def run_cpu_bias_gelu(x: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
     """The library's ``GELU(x + bias)`` operator (float32 CPU tensors, bias along the last axis; no gradient)."""
     return _run_custom_op("cpu_bias_gelu", x, bias)[0]
+
+
+def run_cpu_bias_residual(y: paddle.Tensor, bias: paddle.Tensor, residual: paddle.Tensor) -> paddle.Tensor:
+    """The library's ``residual + (y + bias)`` operator, shaped as ``residual`` (float32 CPU; no gradient)."""
+    return _run_custom_op("cpu_bias_residual", y, bias, residual)[0]
 
 
 def run_cpu_softmax(x: paddle.Tensor) -> paddle.Tensor:
@@ -235,20 +249,40 @@ def gelu(x: paddle.Tensor, impl: Optional[str] = None) -> paddle.Tensor:
     return F.gelu(x)
 
 
+def _inference_only_choice(op: str, x, weight, bias, impl: Optional[str], *others: paddle.Tensor) -> str:
+    """``choose`` for the fused inference operators, which need a float32 bias and no gradient
+    through ``x``, ``weight``, ``bias`` or ``others``."""
+    fp32 = bias is not None and weight.dtype == paddle.float32
+    tensors = (x, weight, *others) if bias is None else (x, weight, bias, *others)
+    grad = paddle.is_grad_enabled() and not all(t.stop_gradient for t in tensors)
+    chosen = choose(op, x, impl=impl, params_fp32=fp32, grad=grad)
+    if chosen == "paddlemix" and (grad or not fp32):
+        raise ValueError(f"{op} implementation 'paddlemix' has no gradient and needs a float32 bias; "
+                         "call it under paddle.no_grad() or pass impl=None")
+    return chosen
+
+
 def linear_gelu(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor], impl: Optional[str] = None):
     """``gelu(x @ weight + bias)`` (exact GELU) by the implementation :func:`choose` names."""
-    fp32 = bias is not None and weight.dtype == paddle.float32
-    params = (x, weight) if bias is None else (x, weight, bias)
-    grad = paddle.is_grad_enabled() and not all(t.stop_gradient for t in params)
-    chosen = choose("linear_gelu", x, impl=impl, params_fp32=fp32, grad=grad)
-    if chosen == "paddlemix":
-        if grad or not fp32:
-            raise ValueError("linear_gelu implementation 'paddlemix' has no gradient and needs a float32 bias; "
-                             "call it under paddle.no_grad() or pass impl=None")
+    if _inference_only_choice("linear_gelu", x, weight, bias, impl) == "paddlemix":
         shape = x.shape
         y = paddle.matmul(x.reshape([-1, shape[-1]]), weight)
         return run_cpu_bias_gelu(y, bias).reshape(shape[:-1] + [weight.shape[-1]])
     return gelu(linear(x, weight, bias))
+
+
+def linear_residual(
+    x: paddle.Tensor,
+    weight: paddle.Tensor,
+    bias: Optional[paddle.Tensor],
+    residual: paddle.Tensor,
+    impl: Optional[str] = None,
+) -> paddle.Tensor:
+    """``residual + (x @ weight + bias)`` by the implementation :func:`choose` names."""
+    if _inference_only_choice("linear_residual", x, weight, bias, impl, residual) == "paddlemix":
+        y = paddle.matmul(x.reshape([-1, x.shape[-1]]), weight)
+        return run_cpu_bias_residual(y, bias, residual)
+    return residual + linear(x, weight, bias)
 
 
 def softmax(x: paddle.Tensor, impl: Optional[str] = None) -> paddle.Tensor:

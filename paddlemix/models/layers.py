@@ -198,13 +198,28 @@ class Mlp(nn.Layer):
         self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+    def forward(self, x: paddle.Tensor, residual: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+        """``fc2(act(fc1(x)))``, plus ``residual`` when given (the block's skip connection)."""
         if type(self.fc1) is Linear and type(self.act) is GELU:  # one kernel choice for both (not a tensor-parallel fc1)
             x = dispatch.linear_gelu(x, self.fc1.weight, self.fc1.bias)
         else:
             x = self.act(self.fc1(x))
-        x = self.drop(self.norm(x))
-        return self.drop(self.fc2(x))
+        return _output_projection(self.fc2, self.drop, self.drop(self.norm(x)), residual)
+
+
+def _output_projection(
+    proj: nn.Layer, drop: nn.Layer, x: paddle.Tensor, residual: Optional[paddle.Tensor]
+) -> paddle.Tensor:
+    """``drop(proj(x))``, plus ``residual`` when given: a branch's last linear layer and the skip add.
+
+    With a plain :class:`Linear` and no dropout, the kernel dispatch may add the bias and the
+    residual in one pass (``linear_residual``); a tensor-parallel projection runs its own forward.
+    """
+    if residual is None:
+        return drop(proj(x))
+    if type(proj) is Linear and type(drop) is nn.Identity and proj.bias is not None:
+        return dispatch.linear_residual(x, proj.weight, proj.bias, residual)
+    return residual + drop(proj(x))
 
 
 class SwiGLU(nn.Layer):
@@ -228,10 +243,10 @@ class SwiGLU(nn.Layer):
         self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+    def forward(self, x: paddle.Tensor, residual: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+        """``fc2(silu(x W_g) * (x W_x))``, plus ``residual`` when given (the block's skip connection)."""
         gate, value = paddle.split(self.fc1(x), 2, axis=-1)
-        x = self.drop(self.norm(F.silu(gate) * value))
-        return self.drop(self.fc2(x))
+        return _output_projection(self.fc2, self.drop, self.drop(self.norm(F.silu(gate) * value)), residual)
 
 
 class Attention(nn.Layer):
@@ -297,7 +312,9 @@ class Attention(nn.Layer):
         rope: Optional["RotaryEmbedding2D"] = None,  # noqa: F821
         rope_index: Optional[paddle.Tensor] = None,
         num_prefix_tokens: int = 1,
+        residual: Optional[paddle.Tensor] = None,
     ) -> paddle.Tensor:
+        """Self-attention of ``x``, plus ``residual`` when given (the block's skip connection)."""
         B, L, _ = x.shape
         shape = [B, L, 3, self.num_heads, self.head_dim]
         grad = paddle.is_grad_enabled() and not (x.stop_gradient and all(p.stop_gradient for p in self.parameters()))
@@ -316,7 +333,7 @@ class Attention(nn.Layer):
             )
         # Heads x head width, not C: under tensor parallelism this rank holds only some heads.
         x = self.norm(x.reshape([B, L, self.num_heads * self.head_dim]))
-        return self.proj_drop(self.proj(x))
+        return _output_projection(self.proj, self.proj_drop, x, residual)
 
 
 def _split_heads(qkv, rope, rope_index, num_prefix_tokens: int):

@@ -141,11 +141,17 @@ class Block(nn.Layer):
             self.mlp = Mlp(dim, hidden, act_layer=act_layer, norm_layer=mlp_norm)
         self.ls2 = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # Pre-norm without layer scale or drop path: ``x + branch(x)`` exactly, which lets the
+        # branch hand its skip connection to the kernel dispatch.
+        self.plain_residual = not postnorm and ls_init_value is None and drop_path == 0
 
     def forward(self, x, attn_mask=None, rope=None, rope_index=None):
         if self.postnorm:
             x = x + self.drop_path(self.ls1(self.norm1(self.attn(x, attn_mask, rope, rope_index))))
             return x + self.drop_path(self.ls2(self.norm2(self.mlp(x))))
+        if self.plain_residual:  # each branch's last linear layer adds the skip connection
+            x = self.attn(self.norm1(x), attn_mask, rope, rope_index, residual=x)
+            return self.mlp(self.norm2(x), residual=x)
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), attn_mask, rope, rope_index)))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 

@@ -5,6 +5,8 @@
 //   cpu_gelu(x)     exact (erf) GELU, x * Phi(x)
 //   cpu_bias_gelu(x, b)  GELU(x + b), b along the last axis (no gradient: inference)
 //   cpu_split_heads(qkv, bias, scale)  [B, L, 3, H, D] (+ bias) -> q * scale, k, v as [B, H, L, D] (inference)
+//   cpu_bias_residual(y, b, r)  r + (y + b), b along the last axis: a linear layer's bias and
+//                   the residual add after it in one pass (inference)
 //   cpu_softmax(x)  softmax over the last axis
 //
 // with their gradient operators. Both are float32 on CPU only: the kernel
@@ -257,6 +259,29 @@ std::vector<Tensor> BiasGeluFwd(const Tensor& x_in, const Tensor& b_in) {
   return {y};
 }
 
+// r + (y + b) with b along the last axis, out of y (a GEMM's output, any shape with r's numel):
+// the bias add and the residual add that follow a block's last linear layer, in one
+// multi-threaded pass instead of two single-threaded ones. Same two float32 additions in the
+// same order as the separate ops (-ffp-contract=off), so the same bits. Inference only.
+std::vector<Tensor> BiasResidualFwd(const Tensor& y_in, const Tensor& b_in, const Tensor& r_in) {
+  const Tensor y = Checked(y_in, "cpu_bias_residual", "y");
+  const Tensor b = Checked(b_in, "cpu_bias_residual", "bias");
+  const Tensor r = Checked(r_in, "cpu_bias_residual", "residual");
+  const int64_t cols = LastDim(r, "cpu_bias_residual");
+  PD_CHECK(b.numel() == cols, "cpu_bias_residual: bias has ", b.numel(), " values, the residual's last axis ", cols, ".");
+  PD_CHECK(y.numel() == r.numel(), "cpu_bias_residual: y has ", y.numel(), " values, the residual ", r.numel(), ".");
+  Tensor out = paddle::empty(r.shape(), DataType::FLOAT32, r.place());
+  const float* py = y.data<float>();
+  const float* pb = b.data<float>();
+  const float* pr = r.data<float>();
+  float* po = out.data<float>();
+  ForPieces(r.numel() / cols, 1, [&](int64_t row, int64_t) {
+    const int64_t at = row * cols;
+    for (int64_t c = 0; c < cols; ++c) po[at + c] = pr[at + c] + (py[at + c] + pb[c]);
+  });
+  return {out};
+}
+
 std::vector<Tensor> SoftmaxFwd(const Tensor& x_in) {
   const Tensor x = Checked(x_in, "cpu_softmax", "x");
   const int64_t cols = LastDim(x, "cpu_softmax");
@@ -294,6 +319,11 @@ PD_BUILD_OP(cpu_split_heads)
     .SetKernelFn(PD_KERNEL(SplitHeadsFwd));
 
 PD_BUILD_OP(cpu_bias_gelu).Inputs({"X", "Bias"}).Outputs({"Y"}).SetKernelFn(PD_KERNEL(BiasGeluFwd));
+
+PD_BUILD_OP(cpu_bias_residual)
+    .Inputs({"Y", "Bias", "Residual"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(BiasResidualFwd));
 
 PD_BUILD_OP(cpu_softmax).Inputs({"X"}).Outputs({"Y"}).SetKernelFn(PD_KERNEL(SoftmaxFwd));
 PD_BUILD_GRAD_OP(cpu_softmax)

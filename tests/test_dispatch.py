@@ -192,18 +192,17 @@ def _set_attention(model, impl):
             layer.attn_impl = impl
 
 
-@pytest.mark.parametrize("name", ["clip", "eva02"])
-def test_split_heads_attention_is_bit_identical_to_the_einsum_one(name, tmp_path):
-    """Inference through the library's cpu_split_heads gives the bits of cpu_einsum: a CLIP model
-    with a causal text mask and a head width whose scale is not a power of two, and an EVA02 model
-    with RoPE (q scaled after its rotation)."""
+def _tiny_model(name: str, tmp_path, head_width: int):
+    """A 2-layer CLIP (causal text mask; ``head_width`` 12 gives a scale that is not a power of two)
+    or EVA02 (RoPE, SwiGLU MLP with a sub-LN, q/v biases) model, with an image and a text batch."""
     import paddlemix
     from paddlemix.zoo.registry import get_model_config
 
-    assert dispatch.status().available
     if name == "clip":
-        cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 48, "layers": 2, "head_width": 12},
-               "text_cfg": {"context_length": 12, "vocab_size": 100, "width": 48, "heads": 4, "layers": 2}}
+        width = 4 * head_width
+        cfg = {"embed_dim": 32,
+               "vision_cfg": {"image_size": 32, "patch_size": 8, "width": width, "layers": 2, "head_width": head_width},
+               "text_cfg": {"context_length": 12, "vocab_size": 100, "width": width, "heads": 4, "layers": 2}}
     else:
         cfg = get_model_config("EVA02-CLIP-B-16")
         cfg["embed_dim"] = 32
@@ -212,9 +211,16 @@ def test_split_heads_attention_is_bit_identical_to_the_einsum_one(name, tmp_path
     paddle.seed(0)
     cfg_file = tmp_path / "model.json"
     cfg_file.write_text(json.dumps(cfg))
-    model = paddlemix.create_model(str(cfg_file))
-    images = paddle.randn([2, 3, 32, 32])
-    texts = paddle.randint(1, 99, [2, 12])
+    return paddlemix.create_model(str(cfg_file)), paddle.randn([2, 3, 32, 32]), paddle.randint(1, 99, [2, 12])
+
+
+@pytest.mark.parametrize("name", ["clip", "eva02"])
+def test_split_heads_attention_is_bit_identical_to_the_einsum_one(name, tmp_path):
+    """Inference through the library's cpu_split_heads gives the bits of cpu_einsum: a CLIP model
+    with a causal text mask and a head width whose scale is not a power of two, and an EVA02 model
+    with RoPE (q scaled after its rotation)."""
+    assert dispatch.status().available
+    model, images, texts = _tiny_model(name, tmp_path, head_width=12)
     with paddle.no_grad():
         assert dispatch.choose("attention", paddle.randn([2, 3, 8])) == "paddlemix"
         auto = [model.encode_image(images).numpy(), model.encode_text(texts).numpy()]
@@ -228,26 +234,11 @@ def test_split_heads_attention_is_bit_identical_to_the_einsum_one(name, tmp_path
 def test_blocks_handing_the_skip_add_to_the_last_linear_give_the_same_bits(name, tmp_path, monkeypatch):
     """A pre-norm block without layer scale adds its skip connection in the branch's last linear
     layer (linear_residual); the model's outputs are those of ``x + branch(x)``, bit for bit."""
-    import paddlemix
     from paddlemix.models.transformer import Block
-    from paddlemix.zoo.registry import get_model_config
 
-    if name == "clip":
-        cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16},
-               "text_cfg": {"context_length": 12, "vocab_size": 100, "width": 64, "heads": 4, "layers": 2}}
-    else:  # SwiGLU MLP with a sub-LN, q/v biases, RoPE
-        cfg = get_model_config("EVA02-CLIP-B-16")
-        cfg["embed_dim"] = 32
-        cfg["vision_cfg"].update(image_size=32, patch_size=8, width=64, layers=2, head_width=16, pt_hw_seq_len=4)
-        cfg["text_cfg"].update(context_length=12, vocab_size=100, width=64, heads=4, layers=2)
-    paddle.seed(1)
-    cfg_file = tmp_path / "model.json"
-    cfg_file.write_text(json.dumps(cfg))
-    model = paddlemix.create_model(str(cfg_file))
+    model, images, texts = _tiny_model(name, tmp_path, head_width=16)
     blocks = [layer for layer in model.sublayers() if isinstance(layer, Block)]
     assert blocks and all(block.plain_residual for block in blocks)
-    images = paddle.randn([2, 3, 32, 32])
-    texts = paddle.randint(1, 99, [2, 12])
     calls = []
     fused_op = dispatch.run_cpu_bias_residual
     monkeypatch.setattr(dispatch, "run_cpu_bias_residual", lambda *a: calls.append(1) or fused_op(*a))

@@ -186,6 +186,49 @@ def test_linear_residual_with_a_gradient_takes_the_separate_path():
         dispatch.linear_residual(x, w, b, r, impl="paddlemix")
 
 
+@pytest.mark.parametrize("B,L,H,D", [(2, 7, 3, 12), (3, 50, 4, 16), (1, 77, 2, 64)])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_attention_core_operator_gives_the_bits_of_the_separate_steps(B, L, H, D, with_bias, with_mask):
+    from paddlemix.models.layers import cpu_einsum_attention
+
+    assert dispatch.has_op("cpu_attention")  # CI's Paddle bundles MKL
+    rng = np.random.default_rng(B * L + H)
+    qkv = paddle.to_tensor(rng.standard_normal([B, L, 3, H, D]).astype("float32"))
+    bias = paddle.to_tensor(rng.standard_normal([3 * H * D]).astype("float32")) if with_bias else None
+    mask = paddle.triu(paddle.full([L, L], float("-inf")), 1) if with_mask else None
+    scale = D**-0.5
+    with paddle.no_grad():
+        fused = dispatch.run_cpu_attention(qkv, bias, mask, scale)
+        biased = qkv if bias is None else qkv + bias.reshape([3, H, D])
+        separate = cpu_einsum_attention(biased, mask, None, None, 1, scale, 0.0, False)
+    assert fused.shape == [B, L, H, D]
+    np.testing.assert_array_equal(fused.numpy(), separate.numpy())
+
+
+def test_attention_core_runs_for_clip_blocks_and_padding_masks_keep_the_separate_steps(tmp_path, monkeypatch):
+    from paddlemix.models.layers import cpu_split_attention
+
+    model, images, texts = _tiny_model("clip", tmp_path, head_width=16)
+    calls = []
+    fused_op = dispatch.run_cpu_attention
+    monkeypatch.setattr(dispatch, "run_cpu_attention", lambda *a: calls.append(1) or fused_op(*a))
+    with paddle.no_grad():
+        model.encode_image(images)
+        model.encode_text(texts)  # the causal [L, L] mask
+        assert len(calls) == 4  # 2 blocks per tower
+        qkv = paddle.randn([2, 5, 3, 2, 8])
+        pad = paddle.zeros([2, 1, 1, 5])  # a per-sample key mask: not one [L, L] matrix
+        cpu_split_attention(qkv, pad, None, None, 1, 0.25, 0.0, False)
+        assert len(calls) == 4
+        # A library built without it (no bundled MKL): the head split operator, the same bits.
+        fused = cpu_split_attention(qkv, None, None, None, 1, 0.25, 0.0, False)
+        monkeypatch.setattr(dispatch, "has_op", lambda name: name != "cpu_attention")
+        split = cpu_split_attention(qkv, None, None, None, 1, 0.25, 0.0, False)
+    assert len(calls) == 5
+    np.testing.assert_array_equal(fused.numpy(), split.numpy())
+
+
 def _set_attention(model, impl):
     for layer in model.sublayers():
         if isinstance(layer, Attention):

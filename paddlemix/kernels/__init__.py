@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import FrozenSet, Optional
 
 import paddle
 
@@ -45,6 +45,9 @@ class KernelStatus:
     available: bool
     origin: str  # "installed", "cache" or "" when unavailable
     detail: str  # where the library came from, or why there is none
+    # The operators the loaded library registered: some exist only where their dependency does
+    # (cpu_attention needs the MKL that Paddle's x86 wheels bundle).
+    ops: FrozenSet[str] = frozenset()
 
 
 _lock = threading.Lock()
@@ -114,7 +117,8 @@ def _load() -> KernelStatus:
     """Load a built library; never compiles and never raises (the reason goes into the status)."""
     try:
         module = importlib.import_module(INSTALLED_MODULE)
-        return KernelStatus(True, "installed", getattr(module, "__file__", INSTALLED_MODULE))
+        ops = frozenset(name for name in dir(module) if not name.startswith("_"))
+        return KernelStatus(True, "installed", getattr(module, "__file__", INSTALLED_MODULE), ops)
     except ImportError:
         pass
     if not hasattr(paddle._C_ops, "_run_custom_op"):
@@ -128,10 +132,10 @@ def _load() -> KernelStatus:
     from paddle.utils.cpp_extension import load_op_meta_info_and_register_op
 
     try:
-        load_op_meta_info_and_register_op(str(so_path))
+        ops = frozenset(load_op_meta_info_and_register_op(str(so_path)))
     except (OSError, RuntimeError, ValueError) as err:
         return KernelStatus(False, "", f"{so_path} does not load: {type(err).__name__}: {err}")
-    return KernelStatus(True, "cache", str(so_path))
+    return KernelStatus(True, "cache", str(so_path), ops)
 
 
 def status() -> KernelStatus:

@@ -67,7 +67,22 @@ def link_flags() -> List[str]:
     iomp = _paddle_intel_openmp()
     if iomp is None:
         return ["-fopenmp"]
-    return [f"-L{iomp.parent}", "-liomp5", f"-Wl,-rpath,{iomp.parent}"]
+    flags = [f"-L{iomp.parent}", "-liomp5", f"-Wl,-rpath,{iomp.parent}"]
+    return flags + (["-lmklml_intel"] if has_cblas() else [])
+
+
+def has_cblas() -> bool:
+    """Whether Paddle bundles MKL (its x86 wheels do), whose ``cblas_sgemm`` the attention operator calls.
+
+    Where it does not, the library is built without ``cpu_attention`` and the dispatch keeps the
+    separate operators.
+    """
+    iomp = _paddle_intel_openmp()
+    return iomp is not None and (iomp.parent / "libmklml_intel.so").is_file()
+
+
+def cxx_flags() -> List[str]:
+    return list(CXX_FLAGS) + (["-DPADDLEMIX_CBLAS=1"] if has_cblas() else [])
 
 
 def sources(with_cuda: bool) -> List[str]:
@@ -78,7 +93,7 @@ def sources(with_cuda: bool) -> List[str]:
 def extension_flags(with_cuda: bool) -> Dict[str, List[str]]:
     """Keyword arguments shared by `paddle.utils.cpp_extension.load` and `setup`."""
     return {
-        "extra_cxx_cflags": list(CXX_FLAGS),
+        "extra_cxx_cflags": cxx_flags(),
         "extra_cuda_cflags": list(NVCC_FLAGS) if with_cuda else [],
         "extra_ldflags": link_flags(),
     }

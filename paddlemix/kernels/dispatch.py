@@ -19,7 +19,10 @@ The rules, and why:
   CPU, where it is also the faster graph for Paddle Inference), and in dynamic mode without a
   gradient, when the library is loaded, ``"paddlemix"``: the same math with the head split and
   q scaling in one pass of the library's ``cpu_split_heads`` instead of Paddle's single-threaded
-  ``einsum`` and ``scale``; ``"sdpa"``
+  ``einsum`` and ``scale``, and, where the library has ``cpu_attention`` (built against the MKL
+  Paddle bundles) and the mask is absent or one [L, L] matrix (no RoPE), the whole core (head
+  split, both GEMMs per head, mask, softmax, output in the projection's layout) in that one
+  operator, with the bits of the separate steps (tested); ``"sdpa"``
   (``scaled_dot_product_attention``, flash attention on GPUs) elsewhere; ``"math"`` (the plain
   reference) when the layer was built with ``use_fused_attn=False``.
 - ``gelu``, ``softmax``: ``"paddlemix"`` (the library's operators) for float32 CPU tensors in
@@ -61,7 +64,7 @@ from paddle.autograd import PyLayer
 from . import available, status
 
 __all__ = [
-    "IMPLEMENTATIONS", "addmm_linear", "choose", "gelu", "layer_norm", "linear", "linear_gelu", "linear_residual",
+    "IMPLEMENTATIONS", "addmm_linear", "choose", "gelu", "has_op", "layer_norm", "linear", "linear_gelu", "linear_residual",
     "softmax",
 ]
 
@@ -176,13 +179,37 @@ def run_cpu_split_heads(qkv: paddle.Tensor, scale: float, bias: Optional[paddle.
     return tuple(_run_custom_op("cpu_split_heads", qkv, bias, float(scale), with_bias))
 
 
+def has_op(name: str) -> bool:
+    """Whether the loaded kernel library has operator ``name`` (some need a dependency, see
+    :class:`paddlemix.kernels.KernelStatus`)."""
+    current = status()
+    return current.available and name in current.ops
+
+
+def run_cpu_attention(
+    qkv: paddle.Tensor, bias: Optional[paddle.Tensor], mask: Optional[paddle.Tensor], scale: float
+) -> paddle.Tensor:
+    """The library's attention core: ``qkv`` [B, L, 3, H, D] (+ ``bias`` [3 H D], + an additive
+    ``mask`` [L, L]) -> ``softmax(q k^T * scale + mask) v`` as [B, L, H, D] (float32 CPU; no gradient)."""
+    B, L, _, H, D = qkv.shape
+    empty = paddle.empty([0], dtype=qkv.dtype)
+    with_bias, with_mask = bias is not None, mask is not None
+    out = _run_custom_op(
+        "cpu_attention", qkv, bias if with_bias else empty, mask if with_mask else empty, float(scale), with_bias,
+        with_mask,
+    )[0]
+    return out.reshape([B, L, H, D])
+
+
 def run_cpu_bias_gelu(x: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
-    """The library's ``GELU(x + bias)`` operator (float32 CPU tensors, bias along the last axis; no gradient)."""
+    """The library's ``GELU(x + bias)`` operator, written over ``x`` and returned (float32 CPU tensors,
+    bias along the last axis; no gradient): callers pass a GEMM output nothing else reads."""
     return _run_custom_op("cpu_bias_gelu", x, bias)[0]
 
 
 def run_cpu_bias_residual(y: paddle.Tensor, bias: paddle.Tensor, residual: paddle.Tensor) -> paddle.Tensor:
-    """The library's ``residual + (y + bias)`` operator, shaped as ``residual`` (float32 CPU; no gradient)."""
+    """The library's ``residual + (y + bias)`` operator, written over ``y`` and returned shaped as
+    ``residual`` (float32 CPU; no gradient): callers pass a GEMM output nothing else reads."""
     return _run_custom_op("cpu_bias_residual", y, bias, residual)[0]
 
 
@@ -281,7 +308,7 @@ def linear_residual(
     """``residual + (x @ weight + bias)`` by the implementation :func:`choose` names."""
     if _inference_only_choice("linear_residual", x, weight, bias, impl, residual) == "paddlemix":
         y = paddle.matmul(x.reshape([-1, x.shape[-1]]), weight)
-        return run_cpu_bias_residual(y, bias, residual)
+        return run_cpu_bias_residual(y, bias, residual).reshape(residual.shape)
     return residual + linear(x, weight, bias)
 
 

@@ -3,10 +3,10 @@
 // Performance section has the measurements):
 //
 //   cpu_gelu(x)     exact (erf) GELU, x * Phi(x)
-//   cpu_bias_gelu(x, b)  GELU(x + b), b along the last axis (no gradient: inference)
+//   cpu_bias_gelu(x, b)  GELU(x + b), b along the last axis, in place on x (no gradient: inference)
 //   cpu_split_heads(qkv, bias, scale)  [B, L, 3, H, D] (+ bias) -> q * scale, k, v as [B, H, L, D] (inference)
-//   cpu_bias_residual(y, b, r)  r + (y + b), b along the last axis: a linear layer's bias and
-//                   the residual add after it in one pass (inference)
+//   cpu_bias_residual(y, b, r)  r + (y + b), b along the last axis, in place on y: a linear
+//                   layer's bias and the residual add after it in one pass (inference)
 //   cpu_softmax(x)  softmax over the last axis
 //
 // with their gradient operators. Both are float32 on CPU only: the kernel
@@ -169,6 +169,12 @@ Tensor Checked(const Tensor& t, const char* op, const char* what) {
   return t.is_contiguous() ? t : t.contiguous();
 }
 
+// An operand the operator overwrites: it must already be a contiguous float32 CPU tensor.
+void CheckedInPlace(const Tensor& t, const char* op, const char* what) {
+  PD_CHECK(t.is_cpu() && t.dtype() == DataType::FLOAT32 && t.is_contiguous(), op, ": ", what,
+           " (written in place) must be a contiguous float32 CPU tensor.");
+}
+
 // The widest kernel `name` the CPU runs: AVX-512, AVX2 + FMA, or `name##Generic` (same signature).
 #if CPU_ACT_HAVE_X86
 #define CPU_ACT_PICK(name) \
@@ -211,76 +217,142 @@ int64_t LastDim(const Tensor& t, const char* op) {
   return t.shape().back();
 }
 
+// A fused qkv projection's output [B, L, 3, H, D] and its bias [3 H D] (when with_bias), checked.
+struct Qkv {
+  Tensor qkv, bias;
+  int64_t B, L, H, D;
+  const float* data() const { return qkv.data<float>(); }
+  const float* bias_data() const { return bias.numel() > 0 ? bias.data<float>() : nullptr; }
+};
+
+Qkv CheckedQkv(const Tensor& qkv_in, const Tensor& bias_in, bool with_bias, const char* op) {
+  const Tensor qkv = Checked(qkv_in, op, "qkv");
+  const auto& s = qkv.shape();
+  PD_CHECK(s.size() == 5 && s[2] == 3, op, ": qkv must be [B, L, 3, H, D].");
+  const int64_t H = s[3], D = s[4];
+  const Tensor bias = with_bias ? Checked(bias_in, op, "bias") : paddle::empty({0}, DataType::FLOAT32, qkv.place());
+  PD_CHECK(!with_bias || bias.numel() == 3 * H * D, op, ": bias must have 3 * H * D values.");
+  return {qkv, bias, s[0], s[1], H, D};
+}
+
+// Token l of batch b, head h, part t (0: q, 1: k, 2: v) into `to` [D]: the bias added, q scaled.
+inline void HeadVector(const Qkv& x, int64_t b, int64_t l, int64_t t, int64_t h, float scale, float* to) {
+  const int64_t at = (t * x.H + h) * x.D;
+  const float* from = x.data() + (b * x.L + l) * 3 * x.H * x.D + at;
+  const float* add = x.bias_data() == nullptr ? nullptr : x.bias_data() + at;
+  for (int64_t d = 0; d < x.D; ++d) {
+    const float v = add == nullptr ? from[d] : from[d] + add[d];
+    to[d] = t == 0 ? v * scale : v;
+  }
+}
+
 // qkv [B, L, 3, H, D] (+ bias [3 H D] when with_bias) -> q * scale, k, v, each [B, H, L, D]
 // (contiguous), in one multi-threaded pass: the layout change attention needs before its two
 // batched GEMMs, with the qkv projection's bias added on the way. Inference only.
 std::vector<Tensor> SplitHeadsFwd(const Tensor& qkv_in, const Tensor& bias_in, float scale, bool with_bias) {
-  const Tensor qkv = Checked(qkv_in, "cpu_split_heads", "qkv");
-  const auto& s = qkv.shape();
-  PD_CHECK(s.size() == 5 && s[2] == 3, "cpu_split_heads: qkv must be [B, L, 3, H, D].");
-  const int64_t B = s[0], L = s[1], H = s[3], D = s[4];
-  const Tensor bias = with_bias ? Checked(bias_in, "cpu_split_heads", "bias") : bias_in;
-  PD_CHECK(!with_bias || bias.numel() == 3 * H * D, "cpu_split_heads: bias must have 3 * H * D values.");
+  const Qkv x = CheckedQkv(qkv_in, bias_in, with_bias, "cpu_split_heads");
+  const int64_t B = x.B, L = x.L, H = x.H, D = x.D;
   std::vector<Tensor> out;
-  for (int i = 0; i < 3; ++i) out.push_back(paddle::empty({B, H, L, D}, DataType::FLOAT32, qkv.place()));
-  const float* src = qkv.data<float>();
-  const float* pb = with_bias ? bias.data<float>() : nullptr;
+  for (int i = 0; i < 3; ++i) out.push_back(paddle::empty({B, H, L, D}, DataType::FLOAT32, x.qkv.place()));
   float* dst[3] = {out[0].data<float>(), out[1].data<float>(), out[2].data<float>()};
   ForPieces(B * L, 1, [&](int64_t row, int64_t) {
     const int64_t b = row / L, l = row % L;
-    const float* in = src + row * 3 * H * D;
     for (int64_t t = 0; t < 3; ++t) {
-      for (int64_t h = 0; h < H; ++h) {
-        const float* from = in + (t * H + h) * D;
-        const float* add = pb == nullptr ? nullptr : pb + (t * H + h) * D;
-        float* to = dst[t] + ((b * H + h) * L + l) * D;
-        for (int64_t d = 0; d < D; ++d) {
-          const float v = add == nullptr ? from[d] : from[d] + add[d];
-          to[d] = t == 0 ? v * scale : v;
-        }
-      }
+      for (int64_t h = 0; h < H; ++h) HeadVector(x, b, l, t, h, scale, dst[t] + ((b * H + h) * L + l) * D);
     }
   });
   return out;
 }
 
-// Inference only (no gradient operator): the kernel dispatch calls it when no gradient is needed.
-std::vector<Tensor> BiasGeluFwd(const Tensor& x_in, const Tensor& b_in) {
-  const Tensor x = Checked(x_in, "cpu_bias_gelu", "x");
+// In place on x (a GEMM's output that nothing else reads): no second buffer of the block's widest
+// activation. Inference only (no gradient operator): the kernel dispatch calls it when no
+// gradient is needed.
+void BiasGeluFwd(Tensor& x, const Tensor& b_in) {
+  CheckedInPlace(x, "cpu_bias_gelu", "x");
   const Tensor b = Checked(b_in, "cpu_bias_gelu", "bias");
   const int64_t cols = LastDim(x, "cpu_bias_gelu");
   PD_CHECK(b.numel() == cols, "cpu_bias_gelu: bias has ", b.numel(), " values, x's last axis ", cols, ".");
-  Tensor y = paddle::empty(x.shape(), DataType::FLOAT32, x.place());
-  const float* px = x.data<float>();
+  float* px = x.data<float>();
   const float* pb = b.data<float>();
-  float* py = y.data<float>();
   const auto kernel = CPU_ACT_PICK(BiasGeluRow);
-  ForPieces(x.numel() / cols, 1, [&](int64_t r, int64_t) { kernel(px + r * cols, pb, py + r * cols, cols); });
-  return {y};
+  ForPieces(x.numel() / cols, 1, [&](int64_t r, int64_t) { kernel(px + r * cols, pb, px + r * cols, cols); });
 }
 
-// r + (y + b) with b along the last axis, out of y (a GEMM's output, any shape with r's numel):
-// the bias add and the residual add that follow a block's last linear layer, in one
-// multi-threaded pass instead of two single-threaded ones. Same two float32 additions in the
-// same order as the separate ops (-ffp-contract=off), so the same bits. Inference only.
-std::vector<Tensor> BiasResidualFwd(const Tensor& y_in, const Tensor& b_in, const Tensor& r_in) {
-  const Tensor y = Checked(y_in, "cpu_bias_residual", "y");
+// r + (y + b) with b along the last axis, in place on y (a GEMM's output that nothing else
+// reads; any shape with r's numel): the bias add and the residual add that follow a block's
+// last linear layer, in one multi-threaded pass instead of two single-threaded ones. Same two
+// float32 additions in the same order as the separate ops (-ffp-contract=off), so the same
+// bits. Inference only.
+void BiasResidualFwd(Tensor& y, const Tensor& b_in, const Tensor& r_in) {
+  CheckedInPlace(y, "cpu_bias_residual", "y");
   const Tensor b = Checked(b_in, "cpu_bias_residual", "bias");
   const Tensor r = Checked(r_in, "cpu_bias_residual", "residual");
   const int64_t cols = LastDim(r, "cpu_bias_residual");
   PD_CHECK(b.numel() == cols, "cpu_bias_residual: bias has ", b.numel(), " values, the residual's last axis ", cols, ".");
   PD_CHECK(y.numel() == r.numel(), "cpu_bias_residual: y has ", y.numel(), " values, the residual ", r.numel(), ".");
-  Tensor out = paddle::empty(r.shape(), DataType::FLOAT32, r.place());
-  const float* py = y.data<float>();
+  float* py = y.data<float>();
   const float* pb = b.data<float>();
   const float* pr = r.data<float>();
-  float* po = out.data<float>();
   ForPieces(r.numel() / cols, 1, [&](int64_t row, int64_t) {
     const int64_t at = row * cols;
-    for (int64_t c = 0; c < cols; ++c) po[at + c] = pr[at + c] + (py[at + c] + pb[c]);
+    for (int64_t c = 0; c < cols; ++c) py[at + c] = pr[at + c] + (py[at + c] + pb[c]);
   });
+}
+
+#if PADDLEMIX_CBLAS
+// The single-precision GEMM of the CBLAS interface, from the MKL that Paddle bundles (linked by
+// build_config.link_flags; declared here because its wheels ship the library without headers).
+extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                            int lda, const float* b, int ldb, float beta, float* c, int ldc);
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
+
+// qkv [B, L, 3, H, D] (+ bias [3 H D]) -> softmax(q k^T * scale + mask) v as [B, L, H * D]:
+// the whole attention core of one head in one work item, its q, k, v, scores and output in
+// the core's cache. Each step is the one the separate operators take (cpu_split_heads' bias,
+// copy and q scaling; one sgemm per head for q k^T and for the probabilities times v, as
+// Paddle's batched matmul calls it; the mask add; cpu_softmax's row kernel), so the result is
+// theirs; the output is written straight into the [B, L, H * D] layout the projection reads,
+// which saves the head merge. Inference only.
+std::vector<Tensor> AttentionFwd(const Tensor& qkv_in, const Tensor& bias_in, const Tensor& mask_in, float scale,
+                                 bool with_bias, bool with_mask) {
+  const Qkv x = CheckedQkv(qkv_in, bias_in, with_bias, "cpu_attention");
+  const int64_t B = x.B, L = x.L, H = x.H, D = x.D;
+  const Tensor mask = with_mask ? Checked(mask_in, "cpu_attention", "mask") : mask_in;
+  PD_CHECK(!with_mask || mask.numel() == L * L, "cpu_attention: the mask must be [L, L].");
+  Tensor out = paddle::empty({B, L, H * D}, DataType::FLOAT32, x.qkv.place());
+  const float* pm = with_mask ? mask.data<float>() : nullptr;
+  float* po = out.data<float>();
+  const auto softmax_row = CPU_ACT_PICK(SoftmaxRow);
+  const int n = static_cast<int>(L), d = static_cast<int>(D), ldo = static_cast<int>(H * D);
+#pragma omp parallel
+  {
+    std::vector<float> buf(static_cast<size_t>(3 * L * D + L * L));
+    float* q = buf.data();
+    float* k = q + L * D;
+    float* v = k + L * D;
+    float* scores = v + L * D;
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      float* dst[3] = {q, k, v};
+      for (int64_t l = 0; l < L; ++l) {
+        for (int64_t t = 0; t < 3; ++t) HeadVector(x, b, l, t, h, scale, dst[t] + l * D);
+      }
+      cblas_sgemm(kCblasRowMajor, kCblasNoTrans, kCblasTrans, n, n, d, 1.0f, q, d, k, d, 0.0f, scores, n);
+      for (int64_t i = 0; i < L; ++i) {
+        float* row = scores + i * L;
+        if (pm != nullptr) {
+          for (int64_t j = 0; j < L; ++j) row[j] = row[j] + pm[i * L + j];
+        }
+        softmax_row(row, row, L);
+      }
+      cblas_sgemm(kCblasRowMajor, kCblasNoTrans, kCblasNoTrans, n, d, n, 1.0f, scores, n, v, d, 0.0f,
+                  po + b * L * H * D + h * D, ldo);
+    }
+  }
   return {out};
 }
+#endif  // PADDLEMIX_CBLAS
 
 std::vector<Tensor> SoftmaxFwd(const Tensor& x_in) {
   const Tensor x = Checked(x_in, "cpu_softmax", "x");
@@ -318,12 +390,25 @@ PD_BUILD_OP(cpu_split_heads)
     .Attrs({"scale: float", "with_bias: bool"})
     .SetKernelFn(PD_KERNEL(SplitHeadsFwd));
 
-PD_BUILD_OP(cpu_bias_gelu).Inputs({"X", "Bias"}).Outputs({"Y"}).SetKernelFn(PD_KERNEL(BiasGeluFwd));
+PD_BUILD_OP(cpu_bias_gelu)
+    .Inputs({"X", "Bias"})
+    .Outputs({"Y"})
+    .SetInplaceMap({{"X", "Y"}})
+    .SetKernelFn(PD_KERNEL(BiasGeluFwd));
 
 PD_BUILD_OP(cpu_bias_residual)
     .Inputs({"Y", "Bias", "Residual"})
     .Outputs({"Out"})
+    .SetInplaceMap({{"Y", "Out"}})
     .SetKernelFn(PD_KERNEL(BiasResidualFwd));
+
+#if PADDLEMIX_CBLAS
+PD_BUILD_OP(cpu_attention)
+    .Inputs({"QKV", "Bias", "Mask"})
+    .Outputs({"Out"})
+    .Attrs({"scale: float", "with_bias: bool", "with_mask: bool"})
+    .SetKernelFn(PD_KERNEL(AttentionFwd));
+#endif
 
 PD_BUILD_OP(cpu_softmax).Inputs({"X"}).Outputs({"Y"}).SetKernelFn(PD_KERNEL(SoftmaxFwd));
 PD_BUILD_GRAD_OP(cpu_softmax)

@@ -107,6 +107,25 @@ def test_kernels_built_ahead_are_loaded_not_rebuilt(tmp_path):
     assert proc.stdout.split()[-1] in ("cache", "installed")
 
 
+INFERENCE_PROGRAM = textwrap.dedent("""
+    import numpy as np, paddle, paddlemix
+    from paddlemix.kernels import dispatch
+    from paddlemix.models.layers import Attention
+    assert dispatch.status().origin == "cache", dispatch.status()
+    paddle.seed(0)
+    model = paddlemix.create_model("CLIP-tiny-demo")
+    images, texts = paddle.randn([2, 3, 32, 32]), paddle.randint(1, 400, [2, 16])
+    with paddle.no_grad():
+        fast = [model.encode_image(images).numpy(), model.encode_text(texts).numpy()]
+        for layer in model.sublayers():
+            if isinstance(layer, Attention):
+                layer.attn_impl = "math"
+        reference = [model.encode_image(images).numpy(), model.encode_text(texts).numpy()]
+    for a, b in zip(fast, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    print("OPS", *sorted(dispatch.status().ops))
+""")
+
 WHEEL_PROGRAM = textwrap.dedent("""
     import logging, sys, paddle, paddlemix
     logging.basicConfig(level=logging.WARNING)
@@ -166,3 +185,13 @@ def test_wheel_installs_and_works_outside_the_checkout(tmp_path):
                           timeout=900, cwd=work, env=dict(env, PADDLEMIX_EXTENSION_DIR=str(cache)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(cache.glob("fused_ln-*/paddlemix_fused_ln/paddlemix_fused_ln.so"))
+    # That library serves inference through its fused operators (the attention core where
+    # Paddle bundles MKL, as its x86 wheels do), with the numbers of Paddle's own kernels.
+    proc = subprocess.run([sys.executable, "-c", INFERENCE_PROGRAM], capture_output=True, text=True,
+                          timeout=300, cwd=work, env=dict(env, PADDLEMIX_EXTENSION_DIR=str(cache)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ops = set(proc.stdout.split("OPS")[-1].split())
+    from paddlemix.kernels import build_config
+
+    wanted = {"fused_ln", "cpu_gelu", "cpu_softmax", "cpu_split_heads", "cpu_bias_gelu", "cpu_bias_residual"}
+    assert wanted | ({"cpu_attention"} if build_config.has_cblas() else set()) <= ops, ops

@@ -220,13 +220,15 @@ def test_attention_core_runs_for_clip_blocks_and_padding_masks_keep_the_separate
         qkv = paddle.randn([2, 5, 3, 2, 8])
         pad = paddle.zeros([2, 1, 1, 5])  # a per-sample key mask: not one [L, L] matrix
         cpu_split_attention(qkv, pad, None, None, 1, 0.25, 0.0, False)
-        assert len(calls) == 4
+        dropped = cpu_split_attention(qkv, None, None, None, 1, 0.25, 0.5, True)  # recompute's no-grad pass
+        assert len(calls) == 4  # attention dropout keeps the separate steps, which apply it
         # A library built without it (no bundled MKL): the head split operator, the same bits.
         fused = cpu_split_attention(qkv, None, None, None, 1, 0.25, 0.0, False)
         monkeypatch.setattr(dispatch, "has_op", lambda name: name != "cpu_attention")
         split = cpu_split_attention(qkv, None, None, None, 1, 0.25, 0.0, False)
     assert len(calls) == 5
     np.testing.assert_array_equal(fused.numpy(), split.numpy())
+    assert not np.array_equal(dropped.numpy(), fused.numpy())
 
 
 def _set_attention(model, impl):

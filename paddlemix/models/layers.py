@@ -402,15 +402,16 @@ def cpu_split_attention(
 ):
     """:func:`cpu_einsum_attention` with its layout change, head split and q scaling done in one
     multi-threaded pass by the kernel library's ``cpu_split_heads`` (no gradient: inference).
-    Without RoPE and with at most an [L, L] mask, the library's ``cpu_attention`` does the whole
-    core per head where the library has it.
+    Without RoPE or attention dropout, and with at most an [L, L] mask, the library's
+    ``cpu_attention`` does the whole core per head where the library has it.
 
     ``qkv_bias``: the qkv projection's bias, not yet added to ``qkv``; the operator adds it in the
     same pass. The same bits: a GEMM's output plus the bias rounds as ``addmm`` does, k and v are
     copied, and q is multiplied by the same float32 scale (with RoPE, after its rotation, as there).
     """
     L = qkv.shape[1]
-    if rope is None and (attn_mask is None or attn_mask.shape == [L, L]) and dispatch.has_op("cpu_attention"):
+    fits = rope is None and dropout == 0 and (attn_mask is None or attn_mask.shape == [L, L])
+    if fits and dispatch.has_op("cpu_attention"):
         mask = None if attn_mask is None else attn_mask.astype(qkv.dtype)
         return dispatch.run_cpu_attention(qkv, qkv_bias, mask, scale)
     if rope is not None and not (rope_index is None and _rope_fits(rope, L - num_prefix_tokens)):

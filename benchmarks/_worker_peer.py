@@ -69,8 +69,11 @@ class Encode(Case):
             x = torch.from_numpy(text_batch(case["batch"], model.context_length, model.vocab_size, seed))
             fn = model.encode_text
 
+        # Where paddlemix runs inside paddlemix.inference_mode, torch's counterpart runs.
+        guard = torch.inference_mode if case["mode"] == "inference_mode" else torch.no_grad
+
         def call():
-            with torch.no_grad():
+            with guard():
                 fn(x)
 
         self._call = call

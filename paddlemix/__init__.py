@@ -19,6 +19,7 @@ with _env.quiet_imports():
     from .errors import PaddleMIXError
     from .factory import create_model, create_model_and_transforms, get_model_preprocess_cfg, get_tokenizer
     from .models import CLIP, CLIPConfig
+    from .models.inference_mode import inference_mode
     from .zoo.pretrained import list_pretrained
     from .zoo.registry import list_models
 
@@ -34,6 +35,7 @@ __all__ = [
     "get_model_preprocess_cfg",
     "get_tokenizer",
     "image_transform",
+    "inference_mode",
     "list_models",
     "list_pretrained",
     "tokenize",

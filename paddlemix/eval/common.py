@@ -20,6 +20,8 @@ import paddle
 import paddle.nn.functional as F
 from tqdm import tqdm
 
+from ..models.inference_mode import inference_mode
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -143,11 +145,13 @@ def unwrap_model(model):
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """Evaluate with dropout off, and give a training loop its model back in the mode it was in."""
+    """Evaluate with dropout off, inside :func:`paddlemix.inference_mode` (no gradients; packed
+    weights on CPUs: evaluation loops over batches and never changes the weights), and give a
+    training loop its model back in the mode it was in."""
     was_training = model.training
     model.eval()
     try:
-        with paddle.no_grad():
+        with inference_mode(model):
             yield model
     finally:
         if was_training:

@@ -42,7 +42,16 @@ The rules, and why:
   bias and the residual in one multi-threaded pass) under the same conditions as
   ``linear_gelu``; ``"separate"`` (``linear``, then Paddle's add) otherwise. The same two float32
   additions in the same order, so the same bits (tested).
-- ``patch_embed``: ``"matmul"`` (the stride-equals-kernel convolution as one GEMM over patches)
+- ``gemm`` (the product of an activation with a linear layer's weight, inside ``linear``,
+  ``linear_gelu`` and ``linear_residual``): ``"packed"`` (the library's ``cpu_packed_gemm`` on a
+  copy of the weight packed once into MKL's GEMM layout, see :class:`PackedWeight`) when the
+  layer holds a :class:`PackedWeight` (inside :func:`paddlemix.inference_mode`), for float32 CPU
+  tensors in dynamic mode, without a gradient, where the library has the operator; ``"paddle"``
+  otherwise. Packing is opt-in because the packed copy doubles the weight's memory and cannot
+  see a weight changed in place by Paddle's ``set_value``, ``set_state_dict`` or an optimizer
+  (none of which marks the tensor as changed); it also rounds as MKL's packed kernels do, which
+  can differ from the unpacked GEMM in the last bit for some shapes.
+- ``patch_embed``: ``"matmul" (the stride-equals-kernel convolution as one GEMM over patches)
   for float32 input and weight on a CPU in dynamic mode, ``"conv"`` otherwise.
 - ``fused_norm`` (the ``fusedLN`` layers of :mod:`paddlemix.models.fused_norm`, which decide at
   construction whether the library is required): ``"paddlemix"`` for the inputs the operator
@@ -65,7 +74,7 @@ from . import available, status
 
 __all__ = [
     "IMPLEMENTATIONS", "addmm_linear", "choose", "gelu", "has_op", "layer_norm", "linear", "linear_gelu", "linear_residual",
-    "softmax",
+    "PackedWeight", "softmax",
 ]
 
 IMPLEMENTATIONS: Dict[str, Tuple[str, ...]] = {
@@ -76,6 +85,7 @@ IMPLEMENTATIONS: Dict[str, Tuple[str, ...]] = {
     "linear_residual": ("paddlemix", "separate"),
     "layer_norm": ("paddlemix", "paddle"),
     "softmax": ("paddlemix", "paddle"),
+    "gemm": ("packed", "paddle"),
     "patch_embed": ("matmul", "conv"),
     "fused_norm": ("paddlemix", "reference"),
 }
@@ -113,13 +123,14 @@ def choose(
     training: bool = False,
     fused_attn: bool = True,
     grad: bool = False,
+    packed: bool = False,
 ) -> str:
     """The implementation of ``op`` (a key of :data:`IMPLEMENTATIONS`) for input ``x``.
 
     ``params_fp32``: the layer's parameters are float32 (and present where the fast path needs
     them); ``training``: the layer is in training mode; ``fused_attn``: the attention layer may
-    use a fused formulation; ``grad``: a gradient will be taken through the call. ``impl`` names
-    the implementation instead of choosing one.
+    use a fused formulation; ``grad``: a gradient will be taken through the call; ``packed``: the layer holds a
+    :class:`PackedWeight`. ``impl`` names the implementation instead of choosing one.
     """
     choices = IMPLEMENTATIONS.get(op)
     if choices is None:
@@ -143,6 +154,9 @@ def choose(
         return "sdpa"
     if op in ("linear_gelu", "linear_residual"):
         return "paddlemix" if params_fp32 and not grad and _eager_cpu_fp32(x) and available() else "separate"
+    if op == "gemm":
+        usable = packed and params_fp32 and not grad and _eager_cpu_fp32(x) and has_op("cpu_packed_gemm")
+        return "packed" if usable else "paddle"
     if op == "patch_embed":
         return "matmul" if params_fp32 and _eager_cpu_fp32(x) else "conv"
     if op == "fused_norm":  # the layer decided at construction that the library is used
@@ -213,6 +227,64 @@ def run_cpu_bias_residual(y: paddle.Tensor, bias: paddle.Tensor, residual: paddl
     return _run_custom_op("cpu_bias_residual", y, bias, residual)[0]
 
 
+class PackedWeight:
+    """A linear layer's weight packed into MKL's GEMM layout, kept while the weight and the row count stay.
+
+    ``cblas_sgemm`` copies its B operand into the layout its kernels read on every call; a weight
+    that does not change can be packed once and multiplied by ``cblas_sgemm_compute`` (the
+    library's ``cpu_gemm_pack`` / ``cpu_packed_gemm``), which saves that copy on every call, most
+    for few rows (one image's tokens). MKL lays a pack out for one row count (a pack used for
+    another gives the same product but can run slower), so the pack is made for a row count on
+    its second call in a row: a single call (one image in a block) costs no packing, a loop over
+    same-sized batches packs once, and alternating sizes never repack on every call.
+
+    The pack follows the tensor object, its storage address, its in-place version and its shape:
+    a replaced parameter or an in-place Paddle op (``add_``, ``copy_``, ``paddle.assign``) repacks.
+    ``set_value``, ``set_state_dict`` and optimizer steps write the same storage without changing
+    any of these, so layers hold a pack only inside :func:`paddlemix.inference_mode`, whose
+    contract is that weights stay fixed.
+    """
+
+    __slots__ = ("_weight", "_key", "_packed")
+
+    def __init__(self) -> None:
+        self._weight: Optional[paddle.Tensor] = None
+        self._key: Optional[tuple] = None
+        self._packed: Optional[paddle.Tensor] = None
+
+    def packed(self, weight: paddle.Tensor, rows: int) -> Optional[paddle.Tensor]:
+        """The pack of ``weight`` [K, N] for products with ``rows`` rows; None on the first call
+        for this weight state and row count (the caller runs the unpacked GEMM)."""
+        key = (weight.data_ptr(), weight._inplace_version(), tuple(weight.shape), rows)
+        if self._weight is weight and self._key == key:
+            if self._packed is None:
+                self._packed = _run_custom_op("cpu_gemm_pack", weight, int(rows))[0]
+            return self._packed
+        self._weight, self._key, self._packed = weight, key, None
+        return None
+
+
+def _product(
+    x2: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor], packed: Optional[PackedWeight]
+) -> Optional[paddle.Tensor]:
+    """``x2`` [M, K] @ ``weight`` (+ ``bias``, rounded as ``addmm`` rounds it) with the packed weight,
+    or None where :func:`choose` keeps Paddle's GEMM (no pack, a gradient, not float32 on a CPU)
+    or the pack is not made yet (its first call)."""
+    if packed is None:
+        return None
+    fp32 = weight.dtype == paddle.float32 and (bias is None or bias.dtype == paddle.float32)
+    tensors = (x2, weight) if bias is None else (x2, weight, bias)
+    grad = paddle.is_grad_enabled() and not all(t.stop_gradient for t in tensors)
+    if choose("gemm", x2, params_fp32=fp32, grad=grad, packed=True) != "packed":
+        return None
+    pack = packed.packed(weight, x2.shape[0])
+    if pack is None:
+        return None
+    k, n = weight.shape
+    with_bias = bias is not None
+    return _run_custom_op("cpu_packed_gemm", x2, pack, bias if with_bias else paddle.empty([0]), k, n, with_bias)[0]
+
+
 def run_cpu_softmax(x: paddle.Tensor) -> paddle.Tensor:
     """The library's last-axis softmax operator (float32 CPU tensors, differentiable)."""
     return _run_custom_op("cpu_softmax", x)[0]
@@ -261,8 +333,19 @@ def addmm_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -
     return y.reshape(shape[:-1] + [y.shape[-1]])
 
 
-def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor], impl: Optional[str] = None):
-    """``x @ weight + bias`` by the implementation :func:`choose` names (``addmm`` needs a bias)."""
+def linear(
+    x: paddle.Tensor,
+    weight: paddle.Tensor,
+    bias: Optional[paddle.Tensor],
+    impl: Optional[str] = None,
+    packed: Optional[PackedWeight] = None,
+):
+    """``x @ weight + bias`` by the implementation :func:`choose` names (``addmm`` needs a bias);
+    ``packed``: the layer's :class:`PackedWeight`, used where :func:`choose` picks it for ``gemm``."""
+    if impl is None and packed is not None:
+        y = _product(x.reshape([-1, x.shape[-1]]), weight, bias, packed)
+        if y is not None:
+            return y.reshape(x.shape[:-1] + [weight.shape[-1]])
     fp32 = bias is not None and weight.dtype == paddle.float32
     if choose("linear", x, impl=impl, params_fp32=fp32) == "addmm":
         return addmm_linear(x, weight, bias)
@@ -289,13 +372,25 @@ def _inference_only_choice(op: str, x, weight, bias, impl: Optional[str], *other
     return chosen
 
 
-def linear_gelu(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor], impl: Optional[str] = None):
+def _gemm(x2: paddle.Tensor, weight: paddle.Tensor, packed: Optional[PackedWeight]) -> paddle.Tensor:
+    """``x2`` [M, K] @ ``weight``, with the packed weight where :func:`choose` picks it."""
+    y = _product(x2, weight, None, packed)
+    return paddle.matmul(x2, weight) if y is None else y
+
+
+def linear_gelu(
+    x: paddle.Tensor,
+    weight: paddle.Tensor,
+    bias: Optional[paddle.Tensor],
+    impl: Optional[str] = None,
+    packed: Optional[PackedWeight] = None,
+):
     """``gelu(x @ weight + bias)`` (exact GELU) by the implementation :func:`choose` names."""
     if _inference_only_choice("linear_gelu", x, weight, bias, impl) == "paddlemix":
         shape = x.shape
-        y = paddle.matmul(x.reshape([-1, shape[-1]]), weight)
+        y = _gemm(x.reshape([-1, shape[-1]]), weight, packed)
         return run_cpu_bias_gelu(y, bias).reshape(shape[:-1] + [weight.shape[-1]])
-    return gelu(linear(x, weight, bias))
+    return gelu(linear(x, weight, bias, packed=packed))
 
 
 def linear_residual(
@@ -304,12 +399,13 @@ def linear_residual(
     bias: Optional[paddle.Tensor],
     residual: paddle.Tensor,
     impl: Optional[str] = None,
+    packed: Optional[PackedWeight] = None,
 ) -> paddle.Tensor:
     """``residual + (x @ weight + bias)`` by the implementation :func:`choose` names."""
     if _inference_only_choice("linear_residual", x, weight, bias, impl, residual) == "paddlemix":
-        y = paddle.matmul(x.reshape([-1, x.shape[-1]]), weight)
+        y = _gemm(x.reshape([-1, x.shape[-1]]), weight, packed)
         return run_cpu_bias_residual(y, bias, residual).reshape(residual.shape)
-    return residual + linear(x, weight, bias)
+    return residual + linear(x, weight, bias, packed=packed)
 
 
 def softmax(x: paddle.Tensor, impl: Optional[str] = None) -> paddle.Tensor:

@@ -43,10 +43,14 @@ class Linear(nn.Linear):
     """``nn.Linear`` whose implementation :func:`paddlemix.kernels.dispatch.linear` chooses.
 
     Same parameters and state-dict keys as ``nn.Linear``; on CPUs the bias goes inside the GEMM.
+    ``packed`` is the weight's GEMM-layout copy while :func:`paddlemix.inference_mode` holds one
+    for this layer (not state: it is never saved), None otherwise.
     """
 
+    packed: Optional[dispatch.PackedWeight] = None
+
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return dispatch.linear(x, self.weight, self.bias)
+        return dispatch.linear(x, self.weight, self.bias, packed=self.packed)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -201,7 +205,7 @@ class Mlp(nn.Layer):
     def forward(self, x: paddle.Tensor, residual: Optional[paddle.Tensor] = None) -> paddle.Tensor:
         """``fc2(act(fc1(x)))``, plus ``residual`` when given (the block's skip connection)."""
         if type(self.fc1) is Linear and type(self.act) is GELU:  # one kernel choice for both (not a tensor-parallel fc1)
-            x = dispatch.linear_gelu(x, self.fc1.weight, self.fc1.bias)
+            x = dispatch.linear_gelu(x, self.fc1.weight, self.fc1.bias, packed=self.fc1.packed)
         else:
             x = self.act(self.fc1(x))
         return _output_projection(self.fc2, self.drop, self.drop(self.norm(x)), residual)
@@ -218,7 +222,7 @@ def _output_projection(
     if residual is None:
         return drop(proj(x))
     if type(proj) is Linear and type(drop) is nn.Identity and proj.bias is not None:
-        return dispatch.linear_residual(x, proj.weight, proj.bias, residual)
+        return dispatch.linear_residual(x, proj.weight, proj.bias, residual, packed=proj.packed)
     return residual + drop(proj(x))
 
 
@@ -322,7 +326,7 @@ class Attention(nn.Layer):
         dropout = self.attn_drop if self.training else 0.0
         if impl == "paddlemix" and type(self.qkv) is Linear and self.qkv_bias_mode == "qkv":
             # The head split adds the projection's bias in its pass (not a tensor-parallel qkv layer).
-            qkv = dispatch.linear(x, self.qkv.weight, None).reshape(shape)
+            qkv = dispatch.linear(x, self.qkv.weight, None, packed=self.qkv.packed).reshape(shape)
             x = cpu_split_attention(
                 qkv, attn_mask, rope, rope_index, num_prefix_tokens, self.scale, dropout, self.training, self.qkv.bias
             )

@@ -8,6 +8,9 @@
 //   cpu_bias_residual(y, b, r)  r + (y + b), b along the last axis, in place on y: a linear
 //                   layer's bias and the residual add after it in one pass (inference)
 //   cpu_softmax(x)  softmax over the last axis
+//   cpu_attention(qkv, bias, mask)  the attention core per head (with Paddle's bundled MKL only)
+//   cpu_gemm_pack(w), cpu_packed_gemm(x, packed, bias)  a linear layer's weight packed once for
+//                   MKL's GEMM and the products with it (with Paddle's bundled MKL only; inference)
 //
 // with their gradient operators. Both are float32 on CPU only: the kernel
 // dispatch (paddlemix/kernels/dispatch.py) calls them for float32 CPU tensors in
@@ -353,6 +356,63 @@ std::vector<Tensor> AttentionFwd(const Tensor& qkv_in, const Tensor& bias_in, co
   }
   return {out};
 }
+
+// MKL's packed-GEMM interface (same library): a linear layer's weight packed once into the
+// layout MKL's GEMM kernels read, instead of being repacked inside every cblas_sgemm call.
+extern "C" size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
+extern "C" void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                                 const float* src, int ld, float* dest);
+extern "C" void cblas_sgemm_compute(int layout, int trans_a, int trans_b, int m, int n, int k, const float* a,
+                                    int lda, const float* b, int ldb, float beta, float* c, int ldc);
+constexpr int kCblasBMatrix = 162, kCblasPacked = 151;
+
+int BlasDim(int64_t v, const char* op, const char* what) {
+  PD_CHECK(v > 0 && v <= INT32_MAX, op, ": ", what, " is ", v, "; MKL's 32-bit interface takes 1 to 2^31 - 1.");
+  return static_cast<int>(v);
+}
+
+// weight [K, N] -> MKL's packed copy of it as the B operand of GEMMs with `rows` rows of A. MKL
+// lays the pack out for that row count: a pack made for another count gives a correct product
+// but can run slower than an unpacked GEMM, so the caller packs per row count. Stored as a
+// float32 tensor of the size MKL asks for (only the weight's size is written); it must stay at
+// the address it was written to (MKL's metadata in it is address-dependent), as a tensor does.
+std::vector<Tensor> GemmPackFwd(const Tensor& w_in, int64_t rows) {
+  const Tensor w = Checked(w_in, "cpu_gemm_pack", "weight");
+  PD_CHECK(w.shape().size() == 2, "cpu_gemm_pack: the weight must be [K, N].");
+  const int k = BlasDim(w.shape()[0], "cpu_gemm_pack", "K"), n = BlasDim(w.shape()[1], "cpu_gemm_pack", "N");
+  const int m = BlasDim(rows, "cpu_gemm_pack", "the row count");
+  const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, m, n, k);
+  Tensor packed = paddle::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
+                                DataType::FLOAT32, w.place());
+  cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, kCblasNoTrans, m, n, k, 1.0f, w.data<float>(), n,
+                   packed.data<float>());
+  return {packed};
+}
+
+// x [M, K] times a weight [K, N] packed by cpu_gemm_pack -> [M, N]; with_bias: plus bias [N],
+// added as Paddle's addmm adds it (the output starts as the bias and the GEMM accumulates into
+// it), so a packed linear layer rounds as the unpacked one. Inference only.
+std::vector<Tensor> PackedGemmFwd(const Tensor& x_in, const Tensor& packed_in, const Tensor& bias_in, int64_t k,
+                                  int64_t n, bool with_bias) {
+  const Tensor x = Checked(x_in, "cpu_packed_gemm", "x");
+  const Tensor packed = Checked(packed_in, "cpu_packed_gemm", "packed weight");
+  PD_CHECK(x.shape().size() == 2 && x.shape()[1] == k, "cpu_packed_gemm: x must be [M, ", k, "].");
+  const int64_t rows = x.shape()[0];
+  Tensor out = paddle::empty({rows, n}, DataType::FLOAT32, x.place());
+  if (rows == 0) return {out};
+  float* po = out.data<float>();
+  if (with_bias) {
+    const Tensor bias = Checked(bias_in, "cpu_packed_gemm", "bias");
+    PD_CHECK(bias.numel() == n, "cpu_packed_gemm: bias has ", bias.numel(), " values, the output ", n, " columns.");
+    const float* pb = bias.data<float>();
+    ForPieces(rows, 1, [&](int64_t r, int64_t) { std::copy(pb, pb + n, po + r * n); });
+  }
+  const int m = BlasDim(rows, "cpu_packed_gemm", "M"), ki = BlasDim(k, "cpu_packed_gemm", "K"),
+            ni = BlasDim(n, "cpu_packed_gemm", "N");
+  cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m, ni, ki, x.data<float>(), ki,
+                      packed.data<float>(), ni, with_bias ? 1.0f : 0.0f, po, ni);
+  return {out};
+}
 #endif  // PADDLEMIX_CBLAS
 
 std::vector<Tensor> SoftmaxFwd(const Tensor& x_in) {
@@ -409,6 +469,14 @@ PD_BUILD_OP(cpu_attention)
     .Outputs({"Out"})
     .Attrs({"scale: float", "with_bias: bool", "with_mask: bool"})
     .SetKernelFn(PD_KERNEL(AttentionFwd));
+
+PD_BUILD_OP(cpu_gemm_pack).Inputs({"W"}).Outputs({"Packed"}).Attrs({"rows: int64_t"}).SetKernelFn(PD_KERNEL(GemmPackFwd));
+
+PD_BUILD_OP(cpu_packed_gemm)
+    .Inputs({"X", "Packed", "Bias"})
+    .Outputs({"Out"})
+    .Attrs({"k: int64_t", "n: int64_t", "with_bias: bool"})
+    .SetKernelFn(PD_KERNEL(PackedGemmFwd));
 #endif
 
 PD_BUILD_OP(cpu_softmax).Inputs({"X"}).Outputs({"Y"}).SetKernelFn(PD_KERNEL(SoftmaxFwd));

@@ -305,7 +305,7 @@ class Attention(nn.Layer):
             # still runs its own forward (F.linear with a bias is the same matmul and add).
             bias = paddle.concat([self.q_bias, paddle.zeros_like(self.q_bias), self.v_bias])
             if type(self.qkv) is Linear and dispatch.choose("linear", x) == "addmm":  # the bias inside the GEMM
-                return dispatch.addmm_linear(x, self.qkv.weight, bias)
+                return dispatch.linear(x, self.qkv.weight, bias, packed=self.qkv.packed)
             return self.qkv(x) + bias
         return self.qkv(x)
 

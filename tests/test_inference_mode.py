@@ -10,13 +10,18 @@ from paddlemix.models.layers import Linear
 from tiny_models import tiny_model
 
 
+@pytest.fixture(autouse=True)
+def _library_loaded():
+    """The library loads at its first use through the dispatch; these tests also call its operators directly."""
+    assert dispatch.has_op("cpu_packed_gemm")  # CI's Paddle wheel is the x86 one, which bundles MKL
+
+
 def _linears(model):
     return [layer for layer in model.sublayers() if type(layer) is Linear]
 
 
 def test_the_packed_gemm_operators_are_built_where_paddle_bundles_mkl():
     assert dispatch.has_op("cpu_packed_gemm") == dispatch.has_op("cpu_gemm_pack") == build_config.has_cblas()
-    assert build_config.has_cblas()  # CI's Paddle wheel is the x86 one
 
 
 @pytest.mark.parametrize("rows,k,n", [(1, 64, 192), (5, 64, 64), (50, 256, 64), (130, 64, 256)])
@@ -50,6 +55,9 @@ def test_packed_gemm_checks_its_operands():
             dispatch._run_custom_op("cpu_packed_gemm", paddle.randn([3, 5]), packed, paddle.empty([0]), 8, 4, False)
         with pytest.raises(Exception, match="bias has 3 values"):
             dispatch._run_custom_op("cpu_packed_gemm", paddle.randn([3, 8]), packed, paddle.zeros([3]), 8, 4, True)
+        with pytest.raises(Exception, match="smaller than a"):  # a pack of a smaller weight
+            dispatch._run_custom_op("cpu_packed_gemm", paddle.randn([3, 4096]), packed, paddle.empty([0]), 4096, 4096,
+                                    False)
         with pytest.raises(Exception, match=r"weight must be \[K, N\]"):
             dispatch._run_custom_op("cpu_gemm_pack", paddle.randn([2, 3, 4]), 3)
 

@@ -51,7 +51,7 @@ The rules, and why:
   see a weight changed in place by Paddle's ``set_value``, ``set_state_dict`` or an optimizer
   (none of which marks the tensor as changed); it also rounds as MKL's packed kernels do, which
   can differ from the unpacked GEMM in the last bit for some shapes.
-- ``patch_embed``: ``"matmul" (the stride-equals-kernel convolution as one GEMM over patches)
+- ``patch_embed``: ``"matmul"`` (the stride-equals-kernel convolution as one GEMM over patches)
   for float32 input and weight on a CPU in dynamic mode, ``"conv"`` otherwise.
 - ``fused_norm`` (the ``fusedLN`` layers of :mod:`paddlemix.models.fused_norm`, which decide at
   construction whether the library is required): ``"paddlemix"`` for the inputs the operator

@@ -398,6 +398,10 @@ std::vector<Tensor> PackedGemmFwd(const Tensor& x_in, const Tensor& packed_in, c
   const Tensor packed = Checked(packed_in, "cpu_packed_gemm", "packed weight");
   PD_CHECK(x.shape().size() == 2 && x.shape()[1] == k, "cpu_packed_gemm: x must be [M, ", k, "].");
   const int64_t rows = x.shape()[0];
+  const int ki = BlasDim(k, "cpu_packed_gemm", "K"), ni = BlasDim(n, "cpu_packed_gemm", "N");
+  // A pack of another weight shape would be read past its end.
+  PD_CHECK(packed.numel() * sizeof(float) >= cblas_sgemm_pack_get_size(kCblasBMatrix, 1, ni, ki),
+           "cpu_packed_gemm: the packed weight is smaller than a [", k, ", ", n, "] weight's pack.");
   Tensor out = paddle::empty({rows, n}, DataType::FLOAT32, x.place());
   if (rows == 0) return {out};
   float* po = out.data<float>();
@@ -407,8 +411,7 @@ std::vector<Tensor> PackedGemmFwd(const Tensor& x_in, const Tensor& packed_in, c
     const float* pb = bias.data<float>();
     ForPieces(rows, 1, [&](int64_t r, int64_t) { std::copy(pb, pb + n, po + r * n); });
   }
-  const int m = BlasDim(rows, "cpu_packed_gemm", "M"), ki = BlasDim(k, "cpu_packed_gemm", "K"),
-            ni = BlasDim(n, "cpu_packed_gemm", "N");
+  const int m = BlasDim(rows, "cpu_packed_gemm", "M");
   cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m, ni, ki, x.data<float>(), ki,
                       packed.data<float>(), ni, with_bias ? 1.0f : 0.0f, po, ni);
   return {out};

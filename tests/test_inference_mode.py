@@ -1,5 +1,8 @@
 """paddlemix.inference_mode and the packed-weight GEMM it turns on (the library's
 ``cpu_gemm_pack`` / ``cpu_packed_gemm``, built where Paddle bundles MKL, as its x86 wheels do)."""
+import copy
+import pickle
+
 import numpy as np
 import paddle
 import pytest
@@ -83,6 +86,10 @@ def test_a_weight_is_packed_on_its_second_call_and_repacked_when_seen_to_change(
         paddle.assign(paddle.ones([8, 4]), output=w)  # an in-place Paddle op moves the tensor's version
         assert holder.packed(w, 5) is None and holder.packed(w, 5) is not None
         assert holder.packed(paddle.randn([8, 4]), 5) is None  # another tensor
+        holder.packed(w, 5)
+        assert holder.packed(w, 5) is not None
+        for copied in (copy.copy(holder), copy.deepcopy(holder), pickle.loads(pickle.dumps(holder))):
+            assert copied.packed(w, 5) is None  # a copy starts empty: a pack is valid only where it was written
 
 
 @pytest.mark.parametrize("name", ["clip", "eva02"])

@@ -252,6 +252,11 @@ class PackedWeight:
         self._key: Optional[tuple] = None
         self._packed: Optional[paddle.Tensor] = None
 
+    def __reduce__(self):
+        # A copied, deep-copied or pickled layer gets an empty pack: MKL's pack is only valid at
+        # the address it was written to, and a copy's weight is another tensor anyway.
+        return (PackedWeight, ())
+
     def packed(self, weight: paddle.Tensor, rows: int) -> Optional[paddle.Tensor]:
         """The pack of ``weight`` [K, N] for products with ``rows`` rows; None on the first call
         for this weight state and row count (the caller runs the unpacked GEMM)."""

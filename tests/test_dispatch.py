@@ -21,6 +21,8 @@ def test_eager_cpu_float32_takes_the_cpu_implementations():
     assert dispatch.choose("attention", x, grad=True) == "cpu_einsum"
     assert dispatch.choose("attention", x) == ("paddlemix" if dispatch.status().available else "cpu_einsum")
     assert dispatch.choose("attention", x, fused_attn=False) == "math"
+    assert dispatch.choose("attention_core", x, core_fits=True) == "paddlemix"  # CI's Paddle bundles MKL
+    assert dispatch.choose("attention_core", x) == "split_heads"  # RoPE, dropout or a per-sample mask
     assert dispatch.choose("patch_embed", x) == "matmul"
     kernels_on = dispatch.status().available
     expected = "paddlemix" if kernels_on else "paddle"
@@ -109,7 +111,8 @@ def test_model_code_asks_dispatch_instead_of_testing_places():
 
     import paddlemix.models
 
-    forbidden = ("is_cpu_place", "is_gpu_place", "_current_expected_place_", "_run_custom_op", "is_compiled_with_cuda")
+    forbidden = ("is_cpu_place", "is_gpu_place", "_current_expected_place_", "_run_custom_op", "is_compiled_with_cuda",
+                 "has_op", "status()")
     offenders = [
         f"{path.name}: {word}"
         for path in Path(paddlemix.models.__file__).parent.rglob("*.py")

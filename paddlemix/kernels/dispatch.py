@@ -22,9 +22,13 @@ The rules, and why:
   ``einsum`` and ``scale``, and, where the library has ``cpu_attention`` (built against the MKL
   Paddle bundles) and the mask is absent or one [L, L] matrix (no RoPE), the whole core (head
   split, both GEMMs per head, mask, softmax, output in the projection's layout) in that one
-  operator, with the bits of the separate steps (tested); ``"sdpa"``
+  operator, with the bits of the separate steps (tested; that choice is ``attention_core`` below); ``"sdpa"``
   (``scaled_dot_product_attention``, flash attention on GPUs) elsewhere; ``"math"`` (the plain
   reference) when the layer was built with ``use_fused_attn=False``.
+- ``attention_core`` (inside ``attention``'s ``"paddlemix"``): ``"paddlemix"`` (the library's
+  ``cpu_attention``, the whole core per head) where the library has the operator and the call has
+  no RoPE, no attention dropout and at most one [L, L] mask (``core_fits``); ``"split_heads"``
+  (``cpu_split_heads``, then Paddle's batched GEMMs and the softmax operator) otherwise.
 - ``gelu``, ``softmax``: ``"paddlemix"`` (the library's operators) for float32 CPU tensors in
   dynamic mode when the library is loaded; Paddle's kernels run far below memory speed there.
 - ``layer_norm``: as ``gelu``, and only in training mode: the fused operator's backward is the
@@ -80,6 +84,7 @@ __all__ = [
 IMPLEMENTATIONS: Dict[str, Tuple[str, ...]] = {
     "linear": ("addmm", "paddle"),
     "attention": ("paddlemix", "cpu_einsum", "sdpa", "math"),
+    "attention_core": ("paddlemix", "split_heads"),
     "gelu": ("paddlemix", "paddle"),
     "linear_gelu": ("paddlemix", "separate"),
     "linear_residual": ("paddlemix", "separate"),
@@ -124,13 +129,15 @@ def choose(
     fused_attn: bool = True,
     grad: bool = False,
     packed: bool = False,
+    core_fits: bool = False,
 ) -> str:
     """The implementation of ``op`` (a key of :data:`IMPLEMENTATIONS`) for input ``x``.
 
     ``params_fp32``: the layer's parameters are float32 (and present where the fast path needs
     them); ``training``: the layer is in training mode; ``fused_attn``: the attention layer may
     use a fused formulation; ``grad``: a gradient will be taken through the call; ``packed``: the layer holds a
-    :class:`PackedWeight`. ``impl`` names the implementation instead of choosing one.
+    :class:`PackedWeight`; ``core_fits``: the attention call has no RoPE, no dropout and at most an
+    [L, L] mask. ``impl`` names the implementation instead of choosing one.
     """
     choices = IMPLEMENTATIONS.get(op)
     if choices is None:
@@ -154,6 +161,8 @@ def choose(
         return "sdpa"
     if op in ("linear_gelu", "linear_residual"):
         return "paddlemix" if params_fp32 and not grad and _eager_cpu_fp32(x) and available() else "separate"
+    if op == "attention_core":
+        return "paddlemix" if core_fits and has_op("cpu_attention") else "split_heads"
     if op == "gemm":
         usable = packed and params_fp32 and not grad and _eager_cpu_fp32(x) and has_op("cpu_packed_gemm")
         return "packed" if usable else "paddle"

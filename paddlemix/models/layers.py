@@ -415,7 +415,7 @@ def cpu_split_attention(
     """
     L = qkv.shape[1]
     fits = rope is None and dropout == 0 and (attn_mask is None or attn_mask.shape == [L, L])
-    if fits and dispatch.has_op("cpu_attention"):
+    if dispatch.choose("attention_core", qkv, core_fits=fits) == "paddlemix":
         mask = None if attn_mask is None else attn_mask.astype(qkv.dtype)
         return dispatch.run_cpu_attention(qkv, qkv_bias, mask, scale)
     if rope is not None and not (rope_index is None and _rope_fits(rope, L - num_prefix_tokens)):

@@ -271,9 +271,29 @@ def test_blocks_handing_the_skip_add_to_the_last_linear_give_the_same_bits(name,
     with paddle.no_grad():
         handed = [model.encode_image(images).numpy(), model.encode_text(texts).numpy()]
         assert len(calls) == 2 * len(blocks)  # the attention and the MLP branch of every block of both towers
-        for block in blocks:
-            block.plain_residual = False
+        monkeypatch.setattr(Block, "plain_residual", property(lambda self: False))
         added = [model.encode_image(images).numpy(), model.encode_text(texts).numpy()]
     for a, b in zip(handed, added):
         np.testing.assert_array_equal(a, b)
 
+
+def test_a_drop_path_put_into_a_block_after_construction_is_applied(tmp_path):
+    """plain_residual follows the block's current sub-layers: a fine-tuning script that sets a drop
+    path later gets it applied, not skipped by the fused skip connection."""
+    from paddlemix.models.layers import DropPath
+    from paddlemix.models.transformer import Block
+
+    model, images, _ = _tiny_model("clip", tmp_path, head_width=16)
+    block = next(layer for layer in model.sublayers() if isinstance(layer, Block))
+    assert block.plain_residual
+    block.drop_path = DropPath(0.5)
+    assert not block.plain_residual
+    x = paddle.randn([2, 5, 64])
+    block.train()
+    paddle.seed(1)
+    with paddle.no_grad():
+        dropped = block(x).numpy()
+    block.eval()
+    with paddle.no_grad():
+        kept = block(x).numpy()
+    assert not np.allclose(dropped, kept)  # whole samples of each branch dropped (and the rest rescaled)

@@ -141,9 +141,13 @@ class Block(nn.Layer):
             self.mlp = Mlp(dim, hidden, act_layer=act_layer, norm_layer=mlp_norm)
         self.ls2 = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        # Pre-norm without layer scale or drop path: ``x + branch(x)`` exactly, which lets the
-        # branch hand its skip connection to the kernel dispatch.
-        self.plain_residual = not postnorm and ls_init_value is None and drop_path == 0
+
+    @property
+    def plain_residual(self) -> bool:
+        """Pre-norm without layer scale or drop path: ``x + branch(x)`` exactly, which lets the
+        branch hand its skip connection to the kernel dispatch. Read from the current sub-layers,
+        so a drop path or layer scale put in after construction is honoured."""
+        return not self.postnorm and all(type(m) is nn.Identity for m in (self.ls1, self.ls2, self.drop_path))
 
     def forward(self, x, attn_mask=None, rope=None, rope_index=None):
         if self.postnorm:

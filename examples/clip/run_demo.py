@@ -37,7 +37,7 @@ def main() -> None:
     pixels = paddle.stack([preprocess(im) for im in images])
     texts = tokenizer(["a photo of a cat", "a diagram", "noise", "a red square"])
     start = time.perf_counter()
-    with paddle.no_grad():
+    with paddlemix.inference_mode(model):
         logits_per_image, _ = model.get_logits(pixels, texts)
     probs = paddle.nn.functional.softmax(logits_per_image, axis=-1).numpy()
     logger.info("%s: %d parameters, image batch %s, %.2f s", args.model,

@@ -250,7 +250,7 @@ def test_csv_parses_and_skips(tmp_path, tok, separator):
         f"0.png{s}csv zero",
         f'1.png{s}"quoted{s} caption"',
         f"2.png{s}",  # empty caption
-        f"only-one-field",
+        "only-one-field",
         f"2.png{s}csv two{s}extra",
     ]
     data = ("\n".join(rows[:3]) + "\n").encode() + f"2.png{s}caf".encode() + b"\xe9\n" + ("\n".join(rows[3:]) + "\n").encode()

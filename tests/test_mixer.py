@@ -1,5 +1,4 @@
 """MLP-Mixer CLIP: tower shapes, causal text mixing, parameter counts, clip.load, and training."""
-import json
 import logging
 
 import numpy as np

@@ -2,7 +2,6 @@
 CLIP_benchmark per-evaluation files, and ``python -m paddlemix.report`` redrawing them from saved outputs.
 """
 import csv
-import io
 import json
 import math
 import os

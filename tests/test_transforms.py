@@ -1,6 +1,5 @@
 """Image transforms: parity with open_clip 3.3.0's image_transform and the train-crop contract."""
 import json
-import math
 import os
 
 import numpy as np

@@ -278,17 +278,27 @@ class PackedWeight:
         return None
 
 
+def _takes_grad(*tensors: Optional[paddle.Tensor]) -> bool:
+    """Whether autograd will record a call on ``tensors`` (None entries are absent operands)."""
+    return paddle.is_grad_enabled() and not all(t.stop_gradient for t in tensors if t is not None)
+
+
 def _product(
-    x2: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor], packed: Optional[PackedWeight]
+    x2: paddle.Tensor,
+    weight: paddle.Tensor,
+    bias: Optional[paddle.Tensor],
+    packed: Optional[PackedWeight],
+    grad: Optional[bool] = None,
 ) -> Optional[paddle.Tensor]:
     """``x2`` [M, K] @ ``weight`` (+ ``bias``, rounded as ``addmm`` rounds it) with the packed weight,
     or None where :func:`choose` keeps Paddle's GEMM (no pack, a gradient, not float32 on a CPU)
-    or the pack is not made yet (its first call)."""
+    or the pack is not made yet (its first call). ``grad``: known already (the fused inference
+    operators' callers checked it), else found here."""
     if packed is None:
         return None
     fp32 = weight.dtype == paddle.float32 and (bias is None or bias.dtype == paddle.float32)
-    tensors = (x2, weight) if bias is None else (x2, weight, bias)
-    grad = paddle.is_grad_enabled() and not all(t.stop_gradient for t in tensors)
+    if grad is None:
+        grad = _takes_grad(x2, weight, bias)
     if choose("gemm", x2, params_fp32=fp32, grad=grad, packed=True) != "packed":
         return None
     pack = packed.packed(weight, x2.shape[0])
@@ -340,7 +350,7 @@ def addmm_linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -
     if not paddle.in_dynamic_mode():
         y = paddle.addmm(bias, x2, weight)
         return y.reshape([-1 if d is None or d < 0 else d for d in shape[:-1]] + [weight.shape[-1]])
-    if paddle.is_grad_enabled() and not (x.stop_gradient and weight.stop_gradient and bias.stop_gradient):
+    if _takes_grad(x, weight, bias):
         y = _AddmmLinear.apply(x2, weight, bias)
     else:
         y = paddle.addmm(bias, x2, weight)
@@ -377,8 +387,7 @@ def _inference_only_choice(op: str, x, weight, bias, impl: Optional[str], *other
     """``choose`` for the fused inference operators, which need a float32 bias and no gradient
     through ``x``, ``weight``, ``bias`` or ``others``."""
     fp32 = bias is not None and weight.dtype == paddle.float32
-    tensors = (x, weight, *others) if bias is None else (x, weight, bias, *others)
-    grad = paddle.is_grad_enabled() and not all(t.stop_gradient for t in tensors)
+    grad = _takes_grad(x, weight, bias, *others)
     chosen = choose(op, x, impl=impl, params_fp32=fp32, grad=grad)
     if chosen == "paddlemix" and (grad or not fp32):
         raise ValueError(f"{op} implementation 'paddlemix' has no gradient and needs a float32 bias; "
@@ -387,8 +396,9 @@ def _inference_only_choice(op: str, x, weight, bias, impl: Optional[str], *other
 
 
 def _gemm(x2: paddle.Tensor, weight: paddle.Tensor, packed: Optional[PackedWeight]) -> paddle.Tensor:
-    """``x2`` [M, K] @ ``weight``, with the packed weight where :func:`choose` picks it."""
-    y = _product(x2, weight, None, packed)
+    """``x2`` [M, K] @ ``weight`` inside a fused inference operator (no gradient, checked by
+    :func:`_inference_only_choice`), with the packed weight where :func:`choose` picks it."""
+    y = _product(x2, weight, None, packed, grad=False)
     return paddle.matmul(x2, weight) if y is None else y
 
 
